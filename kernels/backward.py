@@ -1,0 +1,170 @@
+"""Backward kernels, derived by hand (see DESIGN.md): g = dy * act'(z), z recomputed from x.
+
+Training takes five passes over memory: a split reduction reads x and dy for sum(g) and
+sum(g * (x - mean)) per channel, a tiny kernel merges the partials into dweight and dbias, and
+a dx pass reads x and dy again and writes dx. The pre-activation z is never stored: recomputing
+it costs a few FMAs per element, storing it a whole extra write and read.
+With frozen statistics (eval) dx = g * weight * rstd needs no reduction, so the reduction pass
+writes dx itself: three passes.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .activations import activation_grad
+from .forward import accumulate_dtype, triton_dtype
+from .tiling import (NUM_WARPS, channel_sum, make_plan, program_channels, program_rows,
+                     strides_ncs, tile_mask, tile_offsets)
+
+
+@triton.jit
+def _channel_affine(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, c, c_mask, ACC: tl.constexpr,
+                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Per-channel mean, rstd, scale = weight * rstd and shift = bias, as [1, 1, BLOCK_C]."""
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
+    scale = rstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    shift = tl.zeros_like(scale)
+    if HAS_BIAS:
+        shift = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    return mean[None, None, :], rstd[None, None, :], scale[None, None, :], shift[None, None, :]
+
+
+@triton.jit
+def _grad_partial_kernel(
+    x_ptr, dy_ptr, dx_ptr,  # [N, C, S] each with its own strides; dx written if WRITE_DX
+    mean_ptr, rstd_ptr, weight_ptr, bias_ptr,  # [C]
+    partial_ptr,  # [2, SPLITS, C] out: sums of g and g * (x - mean) per program
+    N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
+    stride_dxn, stride_dxc, stride_dxs, CHUNK_N, CHUNK_S, SPLIT_S, SPLITS,
+    ACC: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WRITE_DX: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+):
+    c, c_mask = program_channels(C, BLOCK_C)
+    n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
+    mean, rstd, scale, shift = _channel_affine(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, c,
+                                               c_mask, ACC, HAS_WEIGHT, HAS_BIAS)
+    acc_g = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
+    acc_gx = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            mask = tile_mask(n0, s0, n_hi, s_hi, c_mask, BLOCK_N, BLOCK_S)
+            x_offs = tile_offsets(n0, s0, c, stride_xn, stride_xs, stride_xc, BLOCK_N, BLOCK_S,
+                                  INT64)
+            dy_offs = tile_offsets(n0, s0, c, stride_dyn, stride_dys, stride_dyc, BLOCK_N,
+                                   BLOCK_S, INT64)
+            x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
+            dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(ACC)
+            x_mu = x.to(ACC) - mean
+            # Masked lanes load dy = 0, so g = 0 there for every activation.
+            g = activation_grad(x_mu * scale + shift, dy, x.dtype, ACTIVATION)
+            acc_g += g
+            acc_gx += g * x_mu
+            if WRITE_DX:
+                dx_offs = tile_offsets(n0, s0, c, stride_dxn, stride_dxs, stride_dxc, BLOCK_N,
+                                       BLOCK_S, INT64)
+                tl.store(dx_ptr + dx_offs, (g * scale).to(dx_ptr.dtype.element_ty), mask=mask)
+    out = partial_ptr + tl.program_id(1) * C + c
+    tl.store(out, channel_sum(acc_g), mask=c_mask)
+    tl.store(out + SPLITS * C, channel_sum(acc_gx), mask=c_mask)
+
+
+@triton.jit
+def _merge_grad_kernel(
+    partial_ptr,  # [2, SPLITS, C] from _grad_partial_kernel
+    rstd_ptr,  # [C]
+    sums_ptr,  # [2, C] out, ACC dtype: sum(g), sum(g * xhat)
+    dweight_ptr, dbias_ptr,  # [C] out in the parameters' dtype
+    C, SPLITS,
+    ACC: tl.constexpr, BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    c, c_mask = program_channels(C, BLOCK_C)
+    sum_g = tl.zeros((BLOCK_SPLIT, BLOCK_C), ACC)
+    sum_gx = tl.zeros((BLOCK_SPLIT, BLOCK_C), ACC)
+    for p0 in range(0, SPLITS, BLOCK_SPLIT):
+        p = p0 + tl.arange(0, BLOCK_SPLIT)
+        offs = p[:, None] * C + c[None, :]
+        mask = (p < SPLITS)[:, None] & c_mask[None, :]
+        sum_g += tl.load(partial_ptr + offs, mask=mask, other=0.0)
+        sum_gx += tl.load(partial_ptr + SPLITS * C + offs, mask=mask, other=0.0)
+    dbias = tl.sum(sum_g, axis=0)
+    dweight = tl.sum(sum_gx, axis=0) * tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
+    tl.store(sums_ptr + c, dbias, mask=c_mask)
+    tl.store(sums_ptr + C + c, dweight, mask=c_mask)
+    tl.store(dweight_ptr + c, dweight.to(dweight_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(dbias_ptr + c, dbias.to(dbias_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _dx_kernel(
+    x_ptr, dy_ptr, dx_ptr,  # [N, C, S] each with its own strides
+    mean_ptr, rstd_ptr, weight_ptr, bias_ptr,  # [C]
+    sums_ptr,  # [2, C] from _merge_grad_kernel
+    N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
+    stride_dxn, stride_dxc, stride_dxs, CHUNK_N, CHUNK_S, SPLIT_S, count,
+    ACC: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+):
+    c, c_mask = program_channels(C, BLOCK_C)
+    n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
+    mean, rstd, scale, shift = _channel_affine(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, c,
+                                               c_mask, ACC, HAS_WEIGHT, HAS_BIAS)
+    n = count.to(ACC)
+    # dx = scale * (g - sum(g) / n - xhat * sum(g * xhat) / n), with xhat = (x - mean) * rstd
+    mean_g = (tl.load(sums_ptr + c, mask=c_mask, other=0.0) / n)[None, None, :]
+    k = rstd * (tl.load(sums_ptr + C + c, mask=c_mask, other=0.0) / n)[None, None, :]
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            mask = tile_mask(n0, s0, n_hi, s_hi, c_mask, BLOCK_N, BLOCK_S)
+            x_offs = tile_offsets(n0, s0, c, stride_xn, stride_xs, stride_xc, BLOCK_N, BLOCK_S,
+                                  INT64)
+            dy_offs = tile_offsets(n0, s0, c, stride_dyn, stride_dys, stride_dyc, BLOCK_N,
+                                   BLOCK_S, INT64)
+            x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
+            dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(ACC)
+            x_mu = x.to(ACC) - mean
+            g = activation_grad(x_mu * scale + shift, dy, x.dtype, ACTIVATION)
+            dx = scale * (g - mean_g - x_mu * k)
+            dx_offs = tile_offsets(n0, s0, c, stride_dxn, stride_dxs, stride_dxc, BLOCK_N,
+                                   BLOCK_S, INT64)
+            tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def batch_norm_backward(dy, x, weight, bias, mean, rstd, training: bool, activation_code: int):
+    """(dx, dweight, dbias) for non-empty x and dy whose spatial dims collapse.
+
+    mean/rstd are what the forward saved (batch statistics when training, the running ones
+    otherwise). dweight/dbias come in the parameters' dtype, or the accumulate dtype when the
+    parameter is None.
+    """
+    dx = torch.empty_like(x)
+    x_ncs, dy_ncs, dx_ncs = strides_ncs(x), strides_ncs(dy), strides_ncs(dx)
+    plan = make_plan(x, dy_ncs, dx_ncs)
+    C = x.shape[1]
+    acc = accumulate_dtype(x.dtype)
+    dweight = torch.empty(C, device=x.device, dtype=acc if weight is None else weight.dtype)
+    dbias = torch.empty(C, device=x.device, dtype=acc if bias is None else bias.dtype)
+    partial = torch.empty((2, plan.splits, C), device=x.device, dtype=acc)
+    sums = torch.empty((2, C), device=x.device, dtype=acc)
+    params = (mean, rstd, weight if weight is not None else mean,
+              bias if bias is not None else mean)
+    rows_and_strides = ((plan.n, C, plan.s) + plan.strides(x_ncs) + plan.strides(dy_ncs)
+                        + plan.strides(dx_ncs) + (plan.chunk_n, plan.chunk_s, plan.split_s))
+    flags = dict(ACC=triton_dtype(x.dtype), ACTIVATION=activation_code,
+                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None)
+    tiles = dict(BLOCK_N=plan.block_n, BLOCK_S=plan.block_s, BLOCK_C=plan.block_c,
+                 INT64=plan.int64, num_warps=NUM_WARPS)
+    _grad_partial_kernel[plan.grid](x, dy, dx, *params, partial, *rows_and_strides, plan.splits,
+                                    WRITE_DX=not training, **flags, **tiles)
+    merge_block_c = min(triton.next_power_of_2(C), 128)
+    _merge_grad_kernel[(triton.cdiv(C, merge_block_c),)](
+        partial, rstd, sums, dweight, dbias, C, plan.splits, ACC=flags["ACC"],
+        BLOCK_SPLIT=min(triton.next_power_of_2(plan.splits), 32), BLOCK_C=merge_block_c)
+    if training:
+        _dx_kernel[plan.grid](x, dy, dx, *params, sums, *rows_and_strides, x.numel() // C,
+                              **flags, **tiles)
+    return dx, dweight, dbias

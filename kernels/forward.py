@@ -1,0 +1,173 @@
+"""Forward kernels: batch statistics, then normalize + affine + activation.
+
+Training takes three launches and three passes over memory (read x for the statistics, read x
+again and write y): a split reduction writes per-program partial sums, a tiny kernel merges
+them into mean/rstd and updates the running statistics, and an elementwise pass writes y.
+The split lets every shape fill the GPU (a few channels with a huge N*H*W, or many channels
+with a small one) at the price of the second read of x, which comes from L2 when x fits there.
+Eval is one launch: one read, one write.
+
+Statistics are sums of (x - k) and (x - k)^2, k being the channel's first element: around a
+shift that lies inside the data, E[d^2] - E[d]^2 keeps its precision even when |mean| >> std,
+and every partial shares the shift, so partials merge by plain addition.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .activations import activation
+from .tiling import (NUM_WARPS, channel_sum, make_plan, program_channels, program_rows, strides_ncs,
+                     tile_mask, tile_offsets)
+
+
+@triton.jit
+def _partial_sums_kernel(
+    x_ptr,  # [N, C, S] input, any strides
+    partial_ptr,  # [2, SPLITS, C] out: sums of (x - k) and (x - k)^2 per program
+    N, C, S, stride_n, stride_c, stride_s,
+    CHUNK_N, CHUNK_S, SPLIT_S, SPLITS,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    INT64: tl.constexpr,
+):
+    c, c_mask = program_channels(C, BLOCK_C)
+    n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
+    shift = tl.load(x_ptr + c * stride_c, mask=c_mask, other=0.0).to(ACC)[None, None, :]
+    acc_d = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
+    acc_d2 = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            offs = tile_offsets(n0, s0, c, stride_n, stride_s, stride_c, BLOCK_N, BLOCK_S, INT64)
+            mask = tile_mask(n0, s0, n_hi, s_hi, c_mask, BLOCK_N, BLOCK_S)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+            d = tl.where(mask, x - shift, 0.0)
+            acc_d += d
+            acc_d2 += d * d
+    out = partial_ptr + tl.program_id(1) * C + c
+    tl.store(out, channel_sum(acc_d), mask=c_mask)
+    tl.store(out + SPLITS * C, channel_sum(acc_d2), mask=c_mask)
+
+
+@triton.jit
+def _merge_stats_kernel(
+    x_ptr,  # input, read at (0, c, 0) for the shift k
+    partial_ptr,  # [2, SPLITS, C] sums from _partial_sums_kernel
+    mean_ptr, rstd_ptr,  # [C] out, ACC dtype
+    running_mean_ptr, running_var_ptr,  # [C] updated in place when UPDATE_RUNNING
+    C, stride_c, SPLITS, count, eps, momentum,
+    ACC: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    c, c_mask = program_channels(C, BLOCK_C)
+    sum_d = tl.zeros((BLOCK_SPLIT, BLOCK_C), ACC)
+    sum_d2 = tl.zeros((BLOCK_SPLIT, BLOCK_C), ACC)
+    for p0 in range(0, SPLITS, BLOCK_SPLIT):
+        p = p0 + tl.arange(0, BLOCK_SPLIT)
+        offs = p[:, None] * C + c[None, :]
+        mask = (p < SPLITS)[:, None] & c_mask[None, :]
+        sum_d += tl.load(partial_ptr + offs, mask=mask, other=0.0)
+        sum_d2 += tl.load(partial_ptr + SPLITS * C + offs, mask=mask, other=0.0)
+    n = count.to(ACC)
+    mean_d = tl.sum(sum_d, axis=0) / n
+    var = tl.maximum(tl.sum(sum_d2, axis=0) / n - mean_d * mean_d, 0.0)
+    mean = tl.load(x_ptr + c * stride_c, mask=c_mask, other=0.0).to(ACC) + mean_d
+    tl.store(mean_ptr + c, mean, mask=c_mask)
+    tl.store(rstd_ptr + c, 1.0 / tl.sqrt_rn(var + eps), mask=c_mask)
+    if UPDATE_RUNNING:
+        # The same expressions as PyTorch's CUDA kernel, so the buffers round alike.
+        running_mean = tl.load(running_mean_ptr + c, mask=c_mask).to(ACC)
+        running_var = tl.load(running_var_ptr + c, mask=c_mask).to(ACC)
+        new_mean = momentum * mean + (1 - momentum) * running_mean
+        new_var = momentum * (var * n / (n - 1)) + (1 - momentum) * running_var
+        tl.store(running_mean_ptr + c, new_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(running_var_ptr + c, new_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _normalize_kernel(
+    x_ptr, y_ptr,  # [N, C, S] input and output, each with its own strides
+    mean_ptr, rstd_ptr,  # [C] ACC dtype: read, or written from the running stats (FROM_RUNNING)
+    weight_ptr, bias_ptr,  # [C] or unused (HAS_WEIGHT, HAS_BIAS)
+    running_mean_ptr, running_var_ptr,  # [C] read when FROM_RUNNING
+    N, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
+    CHUNK_N, CHUNK_S, SPLIT_S, eps,
+    ACC: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FROM_RUNNING: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+):
+    c, c_mask = program_channels(C, BLOCK_C)
+    n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
+    if FROM_RUNNING:
+        mean = tl.load(running_mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
+        rstd = 1.0 / tl.sqrt_rn(tl.load(running_var_ptr + c, mask=c_mask, other=1.0).to(ACC) + eps)
+        if tl.program_id(1) == 0:  # saved for the backward
+            tl.store(mean_ptr + c, mean, mask=c_mask)
+            tl.store(rstd_ptr + c, rstd, mask=c_mask)
+    else:
+        mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
+    scale = rstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    shift = tl.zeros_like(scale)
+    if HAS_BIAS:
+        shift = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    mean, scale, shift = mean[None, None, :], scale[None, None, :], shift[None, None, :]
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            mask = tile_mask(n0, s0, n_hi, s_hi, c_mask, BLOCK_N, BLOCK_S)
+            x_offs = tile_offsets(n0, s0, c, stride_xn, stride_xs, stride_xc, BLOCK_N, BLOCK_S,
+                                  INT64)
+            x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
+            z = (x.to(ACC) - mean) * scale + shift
+            y = activation(z, x.dtype, ACTIVATION).to(y_ptr.dtype.element_ty)
+            y_offs = tile_offsets(n0, s0, c, stride_yn, stride_ys, stride_yc, BLOCK_N, BLOCK_S,
+                                  INT64)
+            tl.store(y_ptr + y_offs, y, mask=mask)
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def triton_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def batch_norm_forward(x, weight, bias, running_mean, running_var, training: bool,
+                       momentum: float, eps: float, activation_code: int):
+    """y = act(batch_norm(x)) for non-empty x whose spatial dims collapse (tiling.strides_ncs).
+
+    Returns (y, mean, rstd), mean and rstd in the accumulate dtype; when training with running
+    stats given, updates them in place.
+    """
+    y = torch.empty_like(x)
+    x_ncs, y_ncs = strides_ncs(x), strides_ncs(y)
+    plan = make_plan(x, y_ncs)
+    C = x.shape[1]
+    acc = accumulate_dtype(x.dtype)
+    mean = torch.empty(C, device=x.device, dtype=acc)
+    rstd = torch.empty(C, device=x.device, dtype=acc)
+    tiles = dict(BLOCK_N=plan.block_n, BLOCK_S=plan.block_s, BLOCK_C=plan.block_c,
+                 INT64=plan.int64, num_warps=NUM_WARPS)
+    rows = (plan.n, C, plan.s)
+    if training:
+        partial = torch.empty((2, plan.splits, C), device=x.device, dtype=acc)
+        _partial_sums_kernel[plan.grid](
+            x, partial, *rows, *plan.strides(x_ncs), plan.chunk_n, plan.chunk_s, plan.split_s,
+            plan.splits, ACC=triton_dtype(x.dtype), **tiles)
+        update = running_mean is not None
+        merge_block_c = min(triton.next_power_of_2(C), 128)
+        _merge_stats_kernel[(triton.cdiv(C, merge_block_c),)](
+            x, partial, mean, rstd, running_mean if update else mean,
+            running_var if update else rstd, C, x_ncs[1], plan.splits, x.numel() // C, eps,
+            momentum, ACC=triton_dtype(x.dtype), UPDATE_RUNNING=update,
+            BLOCK_SPLIT=min(triton.next_power_of_2(plan.splits), 32), BLOCK_C=merge_block_c)
+    _normalize_kernel[plan.grid](
+        x, y, mean, rstd, weight if weight is not None else mean,
+        bias if bias is not None else mean,
+        running_mean if not training else mean, running_var if not training else rstd,
+        *rows, *plan.strides(x_ncs), *plan.strides(y_ncs), plan.chunk_n, plan.chunk_s,
+        plan.split_s, eps, ACC=triton_dtype(x.dtype), ACTIVATION=activation_code,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, FROM_RUNNING=not training,
+        **tiles)
+    return y, mean, rstd

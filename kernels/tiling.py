@@ -1,0 +1,166 @@
+"""How every kernel in this package walks an (N, C, *spatial) tensor: views, tiles and splits.
+
+A tensor is seen as (N, C, S) with one stride per axis, S being the spatial dims collapsed into
+one. Contiguous, channels_last and channels_last_3d tensors all collapse, so no layout needs a
+copy. When the (n, s) rows are evenly strided (channels_last, 2-D input, N == 1) they are
+flattened into one axis of N * S rows.
+
+Each program owns BLOCK_C channels and a chunk of rows, walked in [BLOCK_N, BLOCK_S, BLOCK_C]
+tiles: channels-contiguous layouts take wide BLOCK_C tiles, so each row of the tile is one
+coalesced segment; channel-major layouts take BLOCK_C = 1 and long runs along S. The rows of
+each channel block are split over enough programs to fill the GPU, whatever the shape.
+"""
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Programs per SM to aim for: enough in flight to hide memory latency.
+PROGRAMS_PER_SM = 8
+# Elements per tile, per program iteration: 32 bytes per thread at 8 warps.
+TILE_BYTES = 8192
+NUM_WARPS = 8
+# The interpreter runs programs one after another: fewer, larger programs run faster there.
+INTERPRETER_SMS = 1
+
+
+def strides_ncs(t: torch.Tensor):
+    """(stride_n, stride_c, stride_s) viewing t as (N, C, S), or None if its spatial dims
+    do not collapse into one evenly strided axis."""
+    spatial = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:]) if size != 1]
+    for (_, outer), (size, inner) in zip(spatial, spatial[1:]):
+        if outer != inner * size:
+            return None
+    # With no spatial extent, rows are the batch: flattened rows then always step by stride_s.
+    stride_s = spatial[-1][1] if spatial else t.stride(0)
+    return t.stride(0), t.stride(1), stride_s
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A launch geometry shared by every kernel that walks the same tensors."""
+
+    n: int  # rows along the outer axis (1 when rows are flattened)
+    s: int  # rows along the inner axis (N * S when flattened)
+    channels: int
+    block_n: int
+    block_s: int
+    block_c: int
+    chunk_n: int  # rows of the outer axis per program
+    chunk_s: int
+    split_s: int  # programs along the inner axis for one channel block
+    splits: int  # programs for one channel block
+    int64: bool
+
+    @property
+    def grid(self):
+        return (triton.cdiv(self.channels, self.block_c), self.splits)
+
+    def strides(self, ncs):
+        """Per-tensor (stride_n, stride_c, stride_s) in this plan's view."""
+        stride_n, stride_c, stride_s = ncs
+        if self.n == 1:  # flattened rows: stride_s walks all N * S rows
+            return 0, stride_c, stride_s
+        return stride_n, stride_c, stride_s
+
+
+def _flat_rows(shape, ncs) -> bool:
+    n, s = shape[0], shape[2]
+    stride_n, _, stride_s = ncs
+    return n == 1 or s == 1 or stride_n == s * stride_s
+
+
+def make_plan(t: torch.Tensor, *others_ncs) -> Plan:
+    """The plan for non-empty t (and tensors of its shape whose strides are others_ncs)."""
+    ncs = strides_ncs(t)
+    n, c = t.shape[0], t.shape[1]
+    s = t.numel() // (n * c)
+    all_ncs = (ncs,) + others_ncs
+    flat = all(_flat_rows((n, c, s), v) for v in all_ncs)
+    channels_contiguous = ncs[1] == 1 and c > 1
+    if t.device.type == "cuda":
+        sms = _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    else:
+        sms = INTERPRETER_SMS
+    return _plan(n * s if flat else n, 1 if flat else s, c, flat, channels_contiguous,
+                 t.element_size(), sms, _reach(t, all_ncs) >= 2**31)
+
+
+def _reach(t, all_ncs) -> int:
+    """The largest element offset any tensor of this view can address."""
+    n, c = t.shape[0], t.shape[1]
+    s = t.numel() // (n * c)
+    return max(max(st_n * (n - 1) + st_c * (c - 1) + st_s * (s - 1), t.numel())
+               for st_n, st_c, st_s in all_ncs)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(rows_outer, rows_inner, channels, flat, channels_contiguous, element_size, sms, int64):
+    # Flattened rows put everything on the inner axis: rows_outer is 1, rows_inner N * S.
+    n, s = (1, rows_outer) if flat else (rows_outer, rows_inner)
+    tile = TILE_BYTES // element_size
+    if channels_contiguous:
+        # Up to 512 contiguous bytes per tile row.
+        block_c = min(triton.next_power_of_2(channels), 512 // element_size)
+    else:
+        block_c = 1
+    block_s = min(triton.next_power_of_2(s), tile // block_c)
+    block_n = min(triton.next_power_of_2(n), tile // (block_c * block_s))
+    tiles_n, tiles_s = triton.cdiv(n, block_n), triton.cdiv(s, block_s)
+    wanted = max(1, triton.cdiv(sms * PROGRAMS_PER_SM, triton.cdiv(channels, block_c)))
+    split_n = min(tiles_n, wanted)
+    chunk_n = triton.cdiv(tiles_n, split_n) * block_n
+    split_n = triton.cdiv(n, chunk_n)
+    split_s = min(tiles_s, triton.cdiv(wanted, split_n))
+    chunk_s = triton.cdiv(tiles_s, split_s) * block_s
+    split_s = triton.cdiv(s, chunk_s)
+    return Plan(n, s, channels, block_n, block_s, block_c, chunk_n, chunk_s, split_s,
+                split_n * split_s, int64)
+
+
+@triton.jit
+def program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S):
+    """This program's row ranges [n_lo, n_hi) x [s_lo, s_hi)."""
+    split = tl.program_id(1)
+    n_lo = (split // SPLIT_S) * CHUNK_N
+    s_lo = (split % SPLIT_S) * CHUNK_S
+    return n_lo, tl.minimum(n_lo + CHUNK_N, N), s_lo, tl.minimum(s_lo + CHUNK_S, S)
+
+
+@triton.jit
+def program_channels(C, BLOCK_C: tl.constexpr):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return c, c < C
+
+
+@triton.jit
+def tile_offsets(n0, s0, c, stride_n, stride_s, stride_c, BLOCK_N: tl.constexpr,
+                 BLOCK_S: tl.constexpr, INT64: tl.constexpr):
+    """Element offsets of the [BLOCK_N, BLOCK_S, BLOCK_C] tile whose first row is (n0, s0)."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    s = s0 + tl.arange(0, BLOCK_S)
+    if INT64:
+        n = n.to(tl.int64)
+        s = s.to(tl.int64)
+        c = c.to(tl.int64)
+    return n[:, None, None] * stride_n + s[None, :, None] * stride_s + c[None, None, :] * stride_c
+
+
+@triton.jit
+def tile_mask(n0, s0, n_hi, s_hi, c_mask, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    n = n0 + tl.arange(0, BLOCK_N)
+    s = s0 + tl.arange(0, BLOCK_S)
+    return (n < n_hi)[:, None, None] & (s < s_hi)[None, :, None] & c_mask[None, None, :]
+
+
+@triton.jit
+def channel_sum(tile):
+    """Sum of a [BLOCK_N, BLOCK_S, BLOCK_C] tile over its rows: a [BLOCK_C] vector."""
+    return tl.sum(tl.sum(tile, axis=0), axis=0)
