@@ -1,6 +1,6 @@
 """Triton kernels for fused BatchNorm + activation, installed as ``tritonbn.kernels``."""
 from .activations import ACTIVATIONS
-from .backward import batch_norm_backward
-from .forward import batch_norm_forward
+from .backward import normalize_act_backward
+from .forward import batch_stats, normalize_act
 
-__all__ = ["ACTIVATIONS", "batch_norm_backward", "batch_norm_forward"]
+__all__ = ["ACTIVATIONS", "batch_stats", "normalize_act", "normalize_act_backward"]

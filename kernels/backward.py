@@ -12,41 +12,26 @@ import triton
 import triton.language as tl
 
 from .activations import activation_grad
-from .forward import accumulate_dtype, triton_dtype
+from .forward import accumulate_dtype, channel_affine, triton_dtype
 from .tiling import (NUM_WARPS, channel_sum, make_plan, program_channels, program_rows,
                      strides_ncs, tile_mask, tile_offsets)
 
 
 @triton.jit
-def _channel_affine(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, c, c_mask, ACC: tl.constexpr,
-                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Per-channel mean, rstd, scale = weight * rstd and shift = bias, as [1, 1, BLOCK_C]."""
-    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
-    rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
-    scale = rstd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    shift = tl.zeros_like(scale)
-    if HAS_BIAS:
-        shift = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    return mean[None, None, :], rstd[None, None, :], scale[None, None, :], shift[None, None, :]
-
-
-@triton.jit
 def _grad_partial_kernel(
     x_ptr, dy_ptr, dx_ptr,  # [N, C, S] each with its own strides; dx written if WRITE_DX
-    mean_ptr, rstd_ptr, weight_ptr, bias_ptr,  # [C]
+    mean_ptr, var_ptr, weight_ptr, bias_ptr,  # [C]
     partial_ptr,  # [2, SPLITS, C] out: sums of g and g * (x - mean) per program
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
-    stride_dxn, stride_dxc, stride_dxs, CHUNK_N, CHUNK_S, SPLIT_S, SPLITS,
+    stride_dxn, stride_dxc, stride_dxs, CHUNK_N, CHUNK_S, SPLIT_S, eps, SPLITS,
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, WRITE_DX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
     c, c_mask = program_channels(C, BLOCK_C)
     n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
-    mean, rstd, scale, shift = _channel_affine(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, c,
-                                               c_mask, ACC, HAS_WEIGHT, HAS_BIAS)
+    mean, rstd, scale, shift = channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, c, c_mask,
+                                              eps, ACC, HAS_WEIGHT, HAS_BIAS)
     acc_g = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
     acc_gx = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
     for n0 in range(n_lo, n_hi, BLOCK_N):
@@ -75,10 +60,10 @@ def _grad_partial_kernel(
 @triton.jit
 def _merge_grad_kernel(
     partial_ptr,  # [2, SPLITS, C] from _grad_partial_kernel
-    rstd_ptr,  # [C]
+    var_ptr,  # [C] the statistics' variance, any float dtype
     sums_ptr,  # [2, C] out, ACC dtype: sum(g), sum(g * xhat)
     dweight_ptr, dbias_ptr,  # [C] out in the parameters' dtype
-    C, SPLITS,
+    C, SPLITS, eps,
     ACC: tl.constexpr, BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     c, c_mask = program_channels(C, BLOCK_C)
@@ -91,7 +76,8 @@ def _merge_grad_kernel(
         sum_g += tl.load(partial_ptr + offs, mask=mask, other=0.0)
         sum_gx += tl.load(partial_ptr + SPLITS * C + offs, mask=mask, other=0.0)
     dbias = tl.sum(sum_g, axis=0)
-    dweight = tl.sum(sum_gx, axis=0) * tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
+    var = tl.load(var_ptr + c, mask=c_mask, other=1.0).to(ACC)
+    dweight = tl.sum(sum_gx, axis=0) * (1.0 / tl.sqrt_rn(var + eps))
     tl.store(sums_ptr + c, dbias, mask=c_mask)
     tl.store(sums_ptr + C + c, dweight, mask=c_mask)
     tl.store(dweight_ptr + c, dweight.to(dweight_ptr.dtype.element_ty), mask=c_mask)
@@ -101,18 +87,18 @@ def _merge_grad_kernel(
 @triton.jit
 def _dx_kernel(
     x_ptr, dy_ptr, dx_ptr,  # [N, C, S] each with its own strides
-    mean_ptr, rstd_ptr, weight_ptr, bias_ptr,  # [C]
+    mean_ptr, var_ptr, weight_ptr, bias_ptr,  # [C]
     sums_ptr,  # [2, C] from _merge_grad_kernel
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
-    stride_dxn, stride_dxc, stride_dxs, CHUNK_N, CHUNK_S, SPLIT_S, count,
+    stride_dxn, stride_dxc, stride_dxs, CHUNK_N, CHUNK_S, SPLIT_S, eps, count,
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
     c, c_mask = program_channels(C, BLOCK_C)
     n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
-    mean, rstd, scale, shift = _channel_affine(mean_ptr, rstd_ptr, weight_ptr, bias_ptr, c,
-                                               c_mask, ACC, HAS_WEIGHT, HAS_BIAS)
+    mean, rstd, scale, shift = channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, c, c_mask,
+                                              eps, ACC, HAS_WEIGHT, HAS_BIAS)
     n = count.to(ACC)
     # dx = scale * (g - sum(g) / n - xhat * sum(g * xhat) / n), with xhat = (x - mean) * rstd
     mean_g = (tl.load(sums_ptr + c, mask=c_mask, other=0.0) / n)[None, None, :]
@@ -134,12 +120,13 @@ def _dx_kernel(
             tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def batch_norm_backward(dy, x, weight, bias, mean, rstd, training: bool, activation_code: int):
-    """(dx, dweight, dbias) for non-empty x and dy whose spatial dims collapse.
+def normalize_act_backward(dy, x, mean, var, weight, bias, eps: float, training: bool,
+                           activation_code: int):
+    """(dx, dweight, dbias) of y = normalize_act(x, mean, var, weight, bias, eps, activation).
 
-    mean/rstd are what the forward saved (batch statistics when training, the running ones
-    otherwise). dweight/dbias come in the parameters' dtype, or the accumulate dtype when the
-    parameter is None.
+    training: mean/var are x's batch statistics, so dx includes their dependence on x; else
+    they are frozen (running) statistics. x and dy are non-empty with collapsing spatial dims.
+    dweight/dbias come in the parameters' dtype, or the accumulate dtype for a None parameter.
     """
     dx = torch.empty_like(x)
     x_ncs, dy_ncs, dx_ncs = strides_ncs(x), strides_ncs(dy), strides_ncs(dx)
@@ -150,20 +137,20 @@ def batch_norm_backward(dy, x, weight, bias, mean, rstd, training: bool, activat
     dbias = torch.empty(C, device=x.device, dtype=acc if bias is None else bias.dtype)
     partial = torch.empty((2, plan.splits, C), device=x.device, dtype=acc)
     sums = torch.empty((2, C), device=x.device, dtype=acc)
-    params = (mean, rstd, weight if weight is not None else mean,
+    params = (mean, var, weight if weight is not None else mean,
               bias if bias is not None else mean)
     rows_and_strides = ((plan.n, C, plan.s) + plan.strides(x_ncs) + plan.strides(dy_ncs)
-                        + plan.strides(dx_ncs) + (plan.chunk_n, plan.chunk_s, plan.split_s))
+                        + plan.strides(dx_ncs) + (plan.chunk_n, plan.chunk_s, plan.split_s, eps))
     flags = dict(ACC=triton_dtype(x.dtype), ACTIVATION=activation_code,
                  HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None)
     tiles = dict(BLOCK_N=plan.block_n, BLOCK_S=plan.block_s, BLOCK_C=plan.block_c,
                  INT64=plan.int64, num_warps=NUM_WARPS)
     _grad_partial_kernel[plan.grid](x, dy, dx, *params, partial, *rows_and_strides, plan.splits,
                                     WRITE_DX=not training, **flags, **tiles)
-    merge_block_c = min(triton.next_power_of_2(C), 128)
-    _merge_grad_kernel[(triton.cdiv(C, merge_block_c),)](
-        partial, rstd, sums, dweight, dbias, C, plan.splits, ACC=flags["ACC"],
-        BLOCK_SPLIT=min(triton.next_power_of_2(plan.splits), 32), BLOCK_C=merge_block_c)
+    block_c = min(triton.next_power_of_2(C), 128)
+    _merge_grad_kernel[(triton.cdiv(C, block_c),)](
+        partial, var, sums, dweight, dbias, C, plan.splits, eps, ACC=flags["ACC"],
+        BLOCK_SPLIT=min(triton.next_power_of_2(plan.splits), 32), BLOCK_C=block_c)
     if training:
         _dx_kernel[plan.grid](x, dy, dx, *params, sums, *rows_and_strides, x.numel() // C,
                               **flags, **tiles)

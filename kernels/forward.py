@@ -2,10 +2,11 @@
 
 Training takes three launches and three passes over memory (read x for the statistics, read x
 again and write y): a split reduction writes per-program partial sums, a tiny kernel merges
-them into mean/rstd and updates the running statistics, and an elementwise pass writes y.
+them into mean/var and updates the running statistics, and an elementwise pass writes y.
 The split lets every shape fill the GPU (a few channels with a huge N*H*W, or many channels
 with a small one) at the price of the second read of x, which comes from L2 when x fits there.
-Eval is one launch: one read, one write.
+Eval is the elementwise pass alone, on the running statistics: one read, one write. Each
+program derives rstd from var itself, so no launch is spent on per-channel vectors.
 
 Statistics are sums of (x - k) and (x - k)^2, k being the channel's first element: around a
 shift that lies inside the data, E[d^2] - E[d]^2 keeps its precision even when |mean| >> std,
@@ -51,9 +52,9 @@ def _partial_sums_kernel(
 def _merge_stats_kernel(
     x_ptr,  # input, read at (0, c, 0) for the shift k
     partial_ptr,  # [2, SPLITS, C] sums from _partial_sums_kernel
-    mean_ptr, rstd_ptr,  # [C] out, ACC dtype
+    mean_ptr, var_ptr,  # [C] out, ACC dtype; var is biased
     running_mean_ptr, running_var_ptr,  # [C] updated in place when UPDATE_RUNNING
-    C, stride_c, SPLITS, count, eps, momentum,
+    C, stride_c, SPLITS, count, momentum,
     ACC: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
     BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -71,7 +72,7 @@ def _merge_stats_kernel(
     var = tl.maximum(tl.sum(sum_d2, axis=0) / n - mean_d * mean_d, 0.0)
     mean = tl.load(x_ptr + c * stride_c, mask=c_mask, other=0.0).to(ACC) + mean_d
     tl.store(mean_ptr + c, mean, mask=c_mask)
-    tl.store(rstd_ptr + c, 1.0 / tl.sqrt_rn(var + eps), mask=c_mask)
+    tl.store(var_ptr + c, var, mask=c_mask)
     if UPDATE_RUNNING:
         # The same expressions as PyTorch's CUDA kernel, so the buffers round alike.
         running_mean = tl.load(running_mean_ptr + c, mask=c_mask).to(ACC)
@@ -83,35 +84,37 @@ def _merge_stats_kernel(
 
 
 @triton.jit
-def _normalize_kernel(
-    x_ptr, y_ptr,  # [N, C, S] input and output, each with its own strides
-    mean_ptr, rstd_ptr,  # [C] ACC dtype: read, or written from the running stats (FROM_RUNNING)
-    weight_ptr, bias_ptr,  # [C] or unused (HAS_WEIGHT, HAS_BIAS)
-    running_mean_ptr, running_var_ptr,  # [C] read when FROM_RUNNING
-    N, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
-    CHUNK_N, CHUNK_S, SPLIT_S, eps,
-    ACC: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FROM_RUNNING: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
-):
-    c, c_mask = program_channels(C, BLOCK_C)
-    n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
-    if FROM_RUNNING:
-        mean = tl.load(running_mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
-        rstd = 1.0 / tl.sqrt_rn(tl.load(running_var_ptr + c, mask=c_mask, other=1.0).to(ACC) + eps)
-        if tl.program_id(1) == 0:  # saved for the backward
-            tl.store(mean_ptr + c, mean, mask=c_mask)
-            tl.store(rstd_ptr + c, rstd, mask=c_mask)
-    else:
-        mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
-        rstd = tl.load(rstd_ptr + c, mask=c_mask, other=0.0)
+def channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, c, c_mask, eps, ACC: tl.constexpr,
+                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Per-channel mean, rstd, scale = weight * rstd and shift = bias, as [1, 1, BLOCK_C]."""
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
+    var = tl.load(var_ptr + c, mask=c_mask, other=1.0).to(ACC)
+    # Correctly rounded, as PyTorch's 1 / sqrt(var + eps); rsqrt would be off by an ulp or two.
+    rstd = 1.0 / tl.sqrt_rn(var + eps)
     scale = rstd
     if HAS_WEIGHT:
         scale = scale * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
     shift = tl.zeros_like(scale)
     if HAS_BIAS:
         shift = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    mean, scale, shift = mean[None, None, :], scale[None, None, :], shift[None, None, :]
+    return mean[None, None, :], rstd[None, None, :], scale[None, None, :], shift[None, None, :]
+
+
+@triton.jit
+def _normalize_kernel(
+    x_ptr, y_ptr,  # [N, C, S] input and output, each with its own strides
+    mean_ptr, var_ptr,  # [C] batch statistics or running statistics, any float dtype
+    weight_ptr, bias_ptr,  # [C] or unused (HAS_WEIGHT, HAS_BIAS)
+    N, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
+    CHUNK_N, CHUNK_S, SPLIT_S, eps,
+    ACC: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+):
+    c, c_mask = program_channels(C, BLOCK_C)
+    n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
+    mean, _, scale, shift = channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, c, c_mask,
+                                           eps, ACC, HAS_WEIGHT, HAS_BIAS)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         for s0 in range(s_lo, s_hi, BLOCK_S):
             mask = tile_mask(n0, s0, n_hi, s_hi, c_mask, BLOCK_N, BLOCK_S)
@@ -133,41 +136,43 @@ def triton_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def batch_norm_forward(x, weight, bias, running_mean, running_var, training: bool,
-                       momentum: float, eps: float, activation_code: int):
-    """y = act(batch_norm(x)) for non-empty x whose spatial dims collapse (tiling.strides_ncs).
+def batch_stats(x, running_mean, running_var, momentum: float):
+    """(mean, biased var) per channel of non-empty x, in the accumulate dtype.
 
-    Returns (y, mean, rstd), mean and rstd in the accumulate dtype; when training with running
-    stats given, updates them in place.
+    x's spatial dims must collapse (tiling.strides_ncs). Updates running_mean/running_var in
+    place when they are given (unbiased variance, PyTorch's momentum convention).
     """
+    x_ncs = strides_ncs(x)
+    plan = make_plan(x)
+    C = x.shape[1]
+    acc = accumulate_dtype(x.dtype)
+    partial = torch.empty((2, plan.splits, C), device=x.device, dtype=acc)
+    _partial_sums_kernel[plan.grid](
+        x, partial, plan.n, C, plan.s, *plan.strides(x_ncs), plan.chunk_n, plan.chunk_s,
+        plan.split_s, plan.splits, ACC=triton_dtype(x.dtype), BLOCK_N=plan.block_n,
+        BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, INT64=plan.int64, num_warps=NUM_WARPS)
+    mean = torch.empty(C, device=x.device, dtype=acc)
+    var = torch.empty(C, device=x.device, dtype=acc)
+    update = running_mean is not None
+    block_c = min(triton.next_power_of_2(C), 128)
+    _merge_stats_kernel[(triton.cdiv(C, block_c),)](
+        x, partial, mean, var, running_mean if update else mean,
+        running_var if update else var, C, x_ncs[1], plan.splits, x.numel() // C, momentum,
+        ACC=triton_dtype(x.dtype), UPDATE_RUNNING=update,
+        BLOCK_SPLIT=min(triton.next_power_of_2(plan.splits), 32), BLOCK_C=block_c)
+    return mean, var
+
+
+def normalize_act(x, mean, var, weight, bias, eps: float, activation_code: int):
+    """y = act((x - mean) / sqrt(var + eps) * weight + bias), in x's dtype and layout."""
     y = torch.empty_like(x)
     x_ncs, y_ncs = strides_ncs(x), strides_ncs(y)
     plan = make_plan(x, y_ncs)
-    C = x.shape[1]
-    acc = accumulate_dtype(x.dtype)
-    mean = torch.empty(C, device=x.device, dtype=acc)
-    rstd = torch.empty(C, device=x.device, dtype=acc)
-    tiles = dict(BLOCK_N=plan.block_n, BLOCK_S=plan.block_s, BLOCK_C=plan.block_c,
-                 INT64=plan.int64, num_warps=NUM_WARPS)
-    rows = (plan.n, C, plan.s)
-    if training:
-        partial = torch.empty((2, plan.splits, C), device=x.device, dtype=acc)
-        _partial_sums_kernel[plan.grid](
-            x, partial, *rows, *plan.strides(x_ncs), plan.chunk_n, plan.chunk_s, plan.split_s,
-            plan.splits, ACC=triton_dtype(x.dtype), **tiles)
-        update = running_mean is not None
-        merge_block_c = min(triton.next_power_of_2(C), 128)
-        _merge_stats_kernel[(triton.cdiv(C, merge_block_c),)](
-            x, partial, mean, rstd, running_mean if update else mean,
-            running_var if update else rstd, C, x_ncs[1], plan.splits, x.numel() // C, eps,
-            momentum, ACC=triton_dtype(x.dtype), UPDATE_RUNNING=update,
-            BLOCK_SPLIT=min(triton.next_power_of_2(plan.splits), 32), BLOCK_C=merge_block_c)
     _normalize_kernel[plan.grid](
-        x, y, mean, rstd, weight if weight is not None else mean,
-        bias if bias is not None else mean,
-        running_mean if not training else mean, running_var if not training else rstd,
-        *rows, *plan.strides(x_ncs), *plan.strides(y_ncs), plan.chunk_n, plan.chunk_s,
-        plan.split_s, eps, ACC=triton_dtype(x.dtype), ACTIVATION=activation_code,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, FROM_RUNNING=not training,
-        **tiles)
-    return y, mean, rstd
+        x, y, mean, var, weight if weight is not None else mean,
+        bias if bias is not None else mean, plan.n, x.shape[1], plan.s,
+        *plan.strides(x_ncs), *plan.strides(y_ncs), plan.chunk_n, plan.chunk_s, plan.split_s,
+        eps, ACC=triton_dtype(x.dtype), ACTIVATION=activation_code,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_N=plan.block_n,
+        BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, INT64=plan.int64, num_warps=NUM_WARPS)
+    return y

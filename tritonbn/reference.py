@@ -1,7 +1,8 @@
 """Pure-PyTorch BatchNorm + activation: the CPU path without Triton, and the tests' yardstick.
 
-Same contract as the Triton launchers in ``tritonbn.kernels``: statistics in float32 (float64
-for float64 input), running statistics updated in place, saved mean and rstd returned.
+The same three functions, with the same contracts, as the Triton launchers in
+``tritonbn.kernels``: statistics in float32 (float64 for float64 input), running statistics
+updated in place, outputs in x's dtype and strides.
 """
 import torch
 
@@ -11,6 +12,10 @@ from .kernels.forward import accumulate_dtype
 
 def _per_channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
 
 
 def _activation(z: torch.Tensor, activation: int) -> torch.Tensor:
@@ -31,49 +36,46 @@ def _activation_grad(z, dy, activation: int, out_dtype: torch.dtype) -> torch.Te
     return dy
 
 
-def _pre_activation(x, weight, bias, mean, rstd):
-    """z = (x - mean) * rstd * weight + bias in the accumulate dtype, broadcast per channel."""
-    acc = mean.dtype
+def _affine(x, mean, var, weight, bias, eps):
+    """(x - mean, rstd, z) in the accumulate dtype, z = (x - mean) * rstd * weight + bias."""
+    acc = accumulate_dtype(x.dtype)
+    rstd = torch.rsqrt(var.to(acc) + eps)
     scale = rstd if weight is None else rstd * weight.to(acc)
-    z = (x.to(acc) - _per_channel(mean, x.dim())) * _per_channel(scale, x.dim())
+    x_mu = x.to(acc) - _per_channel(mean.to(acc), x.dim())
+    z = x_mu * _per_channel(scale, x.dim())
     if bias is not None:
         z = z + _per_channel(bias.to(acc), x.dim())
-    return z
+    # Rounded to x's dtype, as eager BatchNorm writes it before a separate activation.
+    return x_mu, rstd, z.to(x.dtype).to(acc), scale
 
 
-def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, activation):
-    """Returns (y, mean, rstd); updates running_mean/running_var in place when training."""
+def batch_stats(x, running_mean, running_var, momentum: float):
     acc = accumulate_dtype(x.dtype)
-    if training:
-        dims = [0] + list(range(2, x.dim()))
-        var, mean = torch.var_mean(x.to(acc), dim=dims, correction=0)
-        if running_mean is not None:
-            count = x.numel() // x.shape[1]
-            unbiased = var * count / (count - 1)
-            running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(acc))
-            running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(acc))
-    else:
-        mean, var = running_mean.to(acc), running_var.to(acc)
-    rstd = torch.rsqrt(var + eps)
-    z = _pre_activation(x, weight, bias, mean, rstd)
-    # Round z to x's dtype first, as eager BatchNorm followed by a separate activation does.
-    y = _activation(z.to(x.dtype).to(acc), activation).to(x.dtype)
-    return y, mean.contiguous(), rstd.contiguous()
+    var, mean = torch.var_mean(x.to(acc), dim=_reduce_dims(x), correction=0)
+    if running_mean is not None:
+        count = x.numel() // x.shape[1]
+        unbiased = var * count / (count - 1)
+        running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(acc))
+        running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(acc))
+    return mean, var
 
 
-def backward(dy, x, weight, bias, mean, rstd, training, activation):
-    """Returns (dx, dweight, dbias); dweight/dbias in the accumulate dtype."""
-    acc = mean.dtype
-    z = _pre_activation(x, weight, bias, mean, rstd).to(x.dtype).to(acc)
-    g = _activation_grad(z, dy.to(acc), activation, x.dtype)
-    dims = [0] + list(range(2, x.dim()))
-    xhat = (x.to(acc) - _per_channel(mean, x.dim())) * _per_channel(rstd, x.dim())
-    dbias = g.sum(dims)
-    dweight = (g * xhat).sum(dims)
-    scale = rstd if weight is None else rstd * weight.to(acc)
+def normalize_act(x, mean, var, weight, bias, eps: float, activation: int):
+    _, _, z, _ = _affine(x, mean, var, weight, bias, eps)
+    # empty_like + copy_: the same output strides as the Triton launcher's.
+    return torch.empty_like(x).copy_(_activation(z, activation))
+
+
+def normalize_act_backward(dy, x, mean, var, weight, bias, eps: float, training: bool,
+                           activation: int):
+    x_mu, rstd, z, scale = _affine(x, mean, var, weight, bias, eps)
+    g = _activation_grad(z, dy.to(z.dtype), activation, x.dtype)
+    xhat = x_mu * _per_channel(rstd, x.dim())
+    dims = _reduce_dims(x)
+    dbias, dweight = g.sum(dims), (g * xhat).sum(dims)
     if training:
         count = x.numel() // x.shape[1]
         g = g - _per_channel(dbias / count, x.dim()) - xhat * _per_channel(dweight / count, x.dim())
-    dx = (g * _per_channel(scale, x.dim())).to(x.dtype)
-    return dx, dweight, dbias
-
+    dx = torch.empty_like(x).copy_(g * _per_channel(scale, x.dim()))
+    return (dx, dweight if weight is None else dweight.to(weight.dtype),
+            dbias if bias is None else dbias.to(bias.dtype))

@@ -1,0 +1,97 @@
+"""The registered ops, in the ``tritonbn`` namespace, with fake and autograd registrations.
+
+- ``batch_stats(x, running_mean!, running_var!, momentum) -> (mean, var)``: the batch
+  statistics, updating the running ones in place. Not differentiable: the backward of
+  ``normalize_act`` with training=True already carries the statistics' dependence on x.
+- ``normalize_act(x, mean, var, weight, bias, eps, training, activation) -> y``: functional
+  and differentiable; its backward is ``normalize_act_backward``.
+
+The mutation lives in an op of its own because torch.library registers autograd only for
+functional ops. CUDA tensors run the Triton kernels. CPU tensors run the same kernels through
+Triton's interpreter when TRITON_INTERPRET=1 was set before triton was imported, and the
+PyTorch reference otherwise. Tensors whose spatial dims do not collapse into one stride
+(``tiling.strides_ncs``) are copied to contiguous first; every layout PyTorch names collapses.
+"""
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import kernels, reference
+from .kernels.forward import accumulate_dtype
+from .kernels.tiling import strides_ncs
+
+# Triton decides at import time whether its kernels are interpreted; so do we.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def runs_triton(x: Tensor) -> bool:
+    return x.device.type == "cuda" or (x.device.type == "cpu" and INTERPRETING)
+
+
+def _backend(x: Tensor):
+    return kernels if runs_triton(x) else reference
+
+
+def _walkable(t: Tensor) -> Tensor:
+    return t if strides_ncs(t) is not None else t.contiguous()
+
+
+@torch.library.custom_op("tritonbn::batch_stats", mutates_args=("running_mean", "running_var"))
+def batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                momentum: float) -> tuple[Tensor, Tensor]:
+    """(mean, biased var) per channel, float32 (float64 for float64 x)."""
+    return _backend(x).batch_stats(_walkable(x), running_mean, running_var, momentum)
+
+
+@batch_stats.register_fake
+def _(x, running_mean, running_var, momentum):
+    mean = x.new_empty(x.shape[1], dtype=accumulate_dtype(x.dtype))
+    return mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("tritonbn::normalize_act", mutates_args=())
+def normalize_act(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
+                  bias: Optional[Tensor], eps: float, training: bool, activation: int) -> Tensor:
+    """act((x - mean) / sqrt(var + eps) * weight + bias); training says mean/var are x's own."""
+    return _backend(x).normalize_act(_walkable(x), mean, var, weight, bias, eps, activation)
+
+
+@normalize_act.register_fake
+def _(x, mean, var, weight, bias, eps, training, activation):
+    return torch.empty_like(_walkable(x))
+
+
+@torch.library.custom_op("tritonbn::normalize_act_backward", mutates_args=())
+def normalize_act_backward(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor,
+                           weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                           training: bool, activation: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias); dweight/dbias in the parameters' dtype (accumulate when None)."""
+    return _backend(x).normalize_act_backward(_walkable(dy), _walkable(x), mean, var, weight,
+                                              bias, eps, training, activation)
+
+
+@normalize_act_backward.register_fake
+def _(dy, x, mean, var, weight, bias, eps, training, activation):
+    acc = accumulate_dtype(x.dtype)
+    dweight = x.new_empty(x.shape[1], dtype=acc if weight is None else weight.dtype)
+    dbias = x.new_empty(x.shape[1], dtype=acc if bias is None else bias.dtype)
+    return torch.empty_like(_walkable(x)), dweight, dbias
+
+
+def _setup_context(ctx, inputs, output):
+    x, mean, var, weight, bias, eps, training, activation = inputs
+    ctx.save_for_backward(x, mean, var, weight, bias)
+    ctx.eps, ctx.training, ctx.activation = eps, training, activation
+
+
+def _backward(ctx, dy):
+    x, mean, var, weight, bias = ctx.saved_tensors
+    dx, dweight, dbias = normalize_act_backward(dy, x, mean, var, weight, bias, ctx.eps,
+                                                ctx.training, ctx.activation)
+    return (dx, None, None, dweight if weight is not None else None,
+            dbias if bias is not None else None, None, None, None)
+
+
+normalize_act.register_autograd(_backward, setup_context=_setup_context)
