@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .activations import activation_grad
-from .forward import accumulate_dtype, channel_affine, triton_dtype
+from .forward import accumulate_dtype, channel_affine, reciprocal_std, triton_dtype
 from .tiling import (NUM_WARPS, channel_sum, make_plan, program_channels, program_rows,
                      strides_ncs, tile_mask, tile_offsets)
 
@@ -77,7 +77,7 @@ def _merge_grad_kernel(
         sum_gx += tl.load(partial_ptr + SPLITS * C + offs, mask=mask, other=0.0)
     dbias = tl.sum(sum_g, axis=0)
     var = tl.load(var_ptr + c, mask=c_mask, other=1.0).to(ACC)
-    dweight = tl.sum(sum_gx, axis=0) * (1.0 / tl.sqrt_rn(var + eps))
+    dweight = tl.sum(sum_gx, axis=0) * reciprocal_std(var, eps)
     tl.store(sums_ptr + c, dbias, mask=c_mask)
     tl.store(sums_ptr + C + c, dweight, mask=c_mask)
     tl.store(dweight_ptr + c, dweight.to(dweight_ptr.dtype.element_ty), mask=c_mask)

@@ -84,13 +84,21 @@ def _merge_stats_kernel(
 
 
 @triton.jit
+def reciprocal_std(var, eps):
+    """1 / sqrt(var + eps), correctly rounded like PyTorch's (rsqrt is off by an ulp or two)."""
+    if var.dtype == tl.float64:
+        return 1.0 / tl.sqrt(var + eps)  # float64 sqrt is already correctly rounded
+    else:
+        return 1.0 / tl.sqrt_rn(var + eps)
+
+
+@triton.jit
 def channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, c, c_mask, eps, ACC: tl.constexpr,
                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Per-channel mean, rstd, scale = weight * rstd and shift = bias, as [1, 1, BLOCK_C]."""
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
     var = tl.load(var_ptr + c, mask=c_mask, other=1.0).to(ACC)
-    # Correctly rounded, as PyTorch's 1 / sqrt(var + eps); rsqrt would be off by an ulp or two.
-    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    rstd = reciprocal_std(var, eps)
     scale = rstd
     if HAS_WEIGHT:
         scale = scale * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)

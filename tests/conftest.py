@@ -1,0 +1,70 @@
+"""Shared test setup. Without a GPU the Triton kernels run on CPU tensors through Triton's
+interpreter, which must be switched on before anything imports triton."""
+import os
+import random
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+ACTIVATION_FNS = {"identity": lambda t: t, "relu": torch.relu, "sigmoid": torch.sigmoid}
+LAYOUTS = ("contiguous", "channels_last")
+
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    """Fresh random inputs every run; the seed is printed so a failure can be replayed."""
+    seed = int(os.environ.get("TRITONBN_SEED", random.randrange(2**31)))
+    print(f"TRITONBN_SEED={seed}")
+    torch.manual_seed(seed)
+
+
+def memory_format(layout: str, ndim: int):
+    if layout == "channels_last" and ndim == 4:
+        return torch.channels_last
+    if layout == "channels_last" and ndim == 5:
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def make_input(shape, dtype=torch.float32, layout="contiguous", offset=0.0, scale=1.0,
+               requires_grad=False):
+    """Random normal input on DEVICE in the given layout (channels_last is moot below 4-D)."""
+    x = torch.randn(shape, dtype=torch.float64) * scale + offset
+    x = x.to(DEVICE, dtype).contiguous(memory_format=memory_format(layout, len(shape)))
+    return x.requires_grad_(requires_grad)
+
+
+def make_params(C, dtype=torch.float32):
+    """weight, bias, running_mean, running_var: random, non-trivial."""
+    weight = (torch.rand(C, dtype=torch.float64) + 0.5).to(DEVICE, dtype)
+    bias = torch.randn(C, dtype=torch.float64).to(DEVICE, dtype)
+    running_mean = torch.randn(C, dtype=torch.float64).to(DEVICE, dtype)
+    running_var = (torch.rand(C, dtype=torch.float64) + 0.5).to(DEVICE, dtype)
+    return weight, bias, running_mean, running_var
+
+
+def float64_bn_act(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                   activation):
+    """Ground truth: PyTorch's batch_norm in float64 on copies, then the activation.
+    Returns (y, running_mean, running_var) in float64; gradients flow to the float64 leaves
+    the caller passes in."""
+    def as64(t):
+        return None if t is None else t.detach().double().clone()
+    rm, rv = as64(running_mean), as64(running_var)
+    y = F.batch_norm(x.double() if x.dtype != torch.float64 else x, rm, rv,
+                     None if weight is None else weight.double(),
+                     None if bias is None else bias.double(), training, momentum, eps)
+    return ACTIVATION_FNS[activation](y), rm, rv
+
+
+def max_err(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item()
