@@ -1,0 +1,115 @@
+"""The torch.library registration: opcheck on every op, torch.compile(fullgraph=True) through
+a small model, and proof that the Triton kernels (not the reference) run on the CPU."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import tritonbn
+from tritonbn import kernels, ops, reference
+from conftest import DEVICE, ON_GPU, make_input, make_params
+
+
+def op_samples():
+    """(op, args) covering training and eval, with and without affine parameters."""
+    for shape, layout in (((3, 4, 5, 2), "channels_last"), ((5, 3), "contiguous")):
+        C = shape[1]
+        x = make_input(shape, layout=layout)
+        weight, bias, running_mean, running_var = make_params(C)
+        yield ops.batch_stats, (x, running_mean, running_var, 0.1)
+        yield ops.batch_stats, (x, None, None, 0.1)
+        mean, var = ops.batch_stats(x, None, None, 0.1)
+        for training, stats in ((True, (mean, var)), (False, (running_mean, running_var))):
+            for affine in ((weight, bias), (None, None)):
+                leaf = x.clone().requires_grad_()
+                params = [None if p is None else p.clone().requires_grad_() for p in affine]
+                yield ops.normalize_act, (leaf, *stats, *params, 1e-5, training, 2)
+                yield ops.normalize_act_backward, (torch.randn_like(x), x, *stats, *affine,
+                                                   1e-5, training, 1)
+
+
+@pytest.mark.parametrize("sample", range(sum(1 for _ in op_samples())))
+def test_opcheck(sample):
+    op, args = list(op_samples())[sample]
+    torch.library.opcheck(op, args)
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), tritonbn.BatchNormAct2d(8),
+            nn.Conv2d(8, 4, 3, padding=1), tritonbn.BatchNormAct2d(4, activation="sigmoid"))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def test_compile_fullgraph_matches_eager():
+    eager = ConvNet().to(DEVICE).to(memory_format=torch.channels_last)
+    compiled_model = copy.deepcopy(eager)
+    # On a GPU Inductor compiles the graph around our ops; on the CPU, aot_eager checks the
+    # same capture (fullgraph, fake tensors, autograd) without minutes of C++ compilation.
+    compiled = torch.compile(compiled_model, fullgraph=True,
+                             backend="inductor" if ON_GPU else "aot_eager")
+    for step in range(2):
+        x = make_input((2, 3, 6, 6), layout="channels_last", requires_grad=True)
+        y_eager, y_compiled = eager(x), compiled(x)
+        torch.testing.assert_close(y_compiled, y_eager, atol=1e-5, rtol=1e-5)
+        dy = torch.randn_like(y_eager)
+        grads_eager = torch.autograd.grad(y_eager, [x, *eager.parameters()], dy)
+        grads_compiled = torch.autograd.grad(y_compiled, [x, *compiled_model.parameters()], dy)
+        for g_e, g_c in zip(grads_eager, grads_compiled):
+            torch.testing.assert_close(g_c, g_e, atol=1e-4, rtol=1e-4)
+    for (name, b_e), (_, b_c) in zip(eager.named_buffers(), compiled_model.named_buffers()):
+        torch.testing.assert_close(b_c, b_e, atol=1e-6, rtol=1e-5, msg=name)
+    assert compiled_model.layers[1].num_batches_tracked.item() == 2
+    eager.eval()
+    compiled_model.eval()
+    x = make_input((2, 3, 6, 6), layout="channels_last")
+    torch.testing.assert_close(compiled(x), eager(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter path is for machines without a GPU")
+def test_triton_kernels_run_under_the_interpreter(monkeypatch):
+    """With TRITON_INTERPRET=1 the CPU path is the Triton kernels: the reference must not run,
+    the launchers must, and the kernels must be the interpreter's."""
+    import triton.runtime.interpreter as interpreter
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the PyTorch reference ran instead of the Triton kernels")
+
+    calls = []
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            calls.append(fn.__name__)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name in ("batch_stats", "normalize_act", "normalize_act_backward"):
+        monkeypatch.setattr(reference, name, forbidden)
+        monkeypatch.setattr(kernels, name, counted(getattr(kernels, name)))
+    assert ops.INTERPRETING and ops.runs_triton(torch.empty(1))
+    assert isinstance(kernels.forward._normalize_kernel, interpreter.InterpretedFunction)
+    m = tritonbn.BatchNormAct2d(3)
+    x = make_input((2, 3, 4, 4), requires_grad=True)
+    m(x).sum().backward()
+    assert calls == ["batch_stats", "normalize_act", "normalize_act_backward"]
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU path without the interpreter")
+def test_cpu_without_interpreter_runs_the_reference():
+    script = ("import torch, tritonbn\n"
+              "from tritonbn import ops\n"
+              "assert not ops.INTERPRETING and not ops.runs_triton(torch.empty(1))\n"
+              "m, ref = tritonbn.BatchNormAct1d(3), torch.nn.BatchNorm1d(3)\n"
+              "x = torch.randn(8, 3, 5)\n"
+              "torch.testing.assert_close(m(x), torch.relu(ref(x)))\n"
+              "torch.testing.assert_close(m.running_var, ref.running_var)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
