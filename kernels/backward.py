@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .activations import activation_grad
 from .forward import accumulate_dtype, channel_affine, reciprocal_std, triton_dtype
-from .tiling import (NUM_WARPS, channel_sum, make_plan, program_channels, program_rows,
+from .tiling import (channel_sum, make_plan, merge_geometry, program_channels, program_rows,
                      strides_ncs, tile_mask, tile_offsets)
 
 
@@ -143,15 +143,12 @@ def normalize_act_backward(dy, x, mean, var, weight, bias, eps: float, training:
                         + plan.strides(dx_ncs) + (plan.chunk_n, plan.chunk_s, plan.split_s, eps))
     flags = dict(ACC=triton_dtype(x.dtype), ACTIVATION=activation_code,
                  HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None)
-    tiles = dict(BLOCK_N=plan.block_n, BLOCK_S=plan.block_s, BLOCK_C=plan.block_c,
-                 INT64=plan.int64, num_warps=NUM_WARPS)
     _grad_partial_kernel[plan.grid](x, dy, dx, *params, partial, *rows_and_strides, plan.splits,
-                                    WRITE_DX=not training, **flags, **tiles)
-    block_c = min(triton.next_power_of_2(C), 128)
-    _merge_grad_kernel[(triton.cdiv(C, block_c),)](
-        partial, var, sums, dweight, dbias, C, plan.splits, eps, ACC=flags["ACC"],
-        BLOCK_SPLIT=min(triton.next_power_of_2(plan.splits), 32), BLOCK_C=block_c)
+                                    WRITE_DX=not training, **flags, **plan.tiles)
+    merge = merge_geometry(C, plan.splits)
+    _merge_grad_kernel[merge["grid"]](partial, var, sums, dweight, dbias, C, plan.splits, eps,
+                                      ACC=flags["ACC"], **merge["tiles"])
     if training:
         _dx_kernel[plan.grid](x, dy, dx, *params, sums, *rows_and_strides, x.numel() // C,
-                              **flags, **tiles)
+                              **flags, **plan.tiles)
     return dx, dweight, dbias

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from .activations import activation
-from .tiling import (NUM_WARPS, channel_sum, make_plan, program_channels, program_rows, strides_ncs,
-                     tile_mask, tile_offsets)
+from .tiling import (channel_sum, make_plan, merge_geometry, program_channels, program_rows,
+                     strides_ncs, tile_mask, tile_offsets)
 
 
 @triton.jit
@@ -77,8 +77,11 @@ def _merge_stats_kernel(
         # The same expressions as PyTorch's CUDA kernel, so the buffers round alike.
         running_mean = tl.load(running_mean_ptr + c, mask=c_mask).to(ACC)
         running_var = tl.load(running_var_ptr + c, mask=c_mask).to(ACC)
-        new_mean = momentum * mean + (1 - momentum) * running_mean
-        new_var = momentum * (var * n / (n - 1)) + (1 - momentum) * running_var
+        # momentum arrives as float32 (Triton passes Python floats so); 1 - momentum is taken
+        # in ACC, so that float64 buffers lose only momentum's own rounding.
+        m = tl.cast(momentum, ACC)
+        new_mean = m * mean + (1 - m) * running_mean
+        new_var = m * (var * n / (n - 1)) + (1 - m) * running_var
         tl.store(running_mean_ptr + c, new_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
         tl.store(running_var_ptr + c, new_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
 
@@ -157,17 +160,15 @@ def batch_stats(x, running_mean, running_var, momentum: float):
     partial = torch.empty((2, plan.splits, C), device=x.device, dtype=acc)
     _partial_sums_kernel[plan.grid](
         x, partial, plan.n, C, plan.s, *plan.strides(x_ncs), plan.chunk_n, plan.chunk_s,
-        plan.split_s, plan.splits, ACC=triton_dtype(x.dtype), BLOCK_N=plan.block_n,
-        BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, INT64=plan.int64, num_warps=NUM_WARPS)
+        plan.split_s, plan.splits, ACC=triton_dtype(x.dtype), **plan.tiles)
     mean = torch.empty(C, device=x.device, dtype=acc)
     var = torch.empty(C, device=x.device, dtype=acc)
     update = running_mean is not None
-    block_c = min(triton.next_power_of_2(C), 128)
-    _merge_stats_kernel[(triton.cdiv(C, block_c),)](
+    merge = merge_geometry(C, plan.splits)
+    _merge_stats_kernel[merge["grid"]](
         x, partial, mean, var, running_mean if update else mean,
         running_var if update else var, C, x_ncs[1], plan.splits, x.numel() // C, momentum,
-        ACC=triton_dtype(x.dtype), UPDATE_RUNNING=update,
-        BLOCK_SPLIT=min(triton.next_power_of_2(plan.splits), 32), BLOCK_C=block_c)
+        ACC=triton_dtype(x.dtype), UPDATE_RUNNING=update, **merge["tiles"])
     return mean, var
 
 
@@ -181,6 +182,5 @@ def normalize_act(x, mean, var, weight, bias, eps: float, activation_code: int):
         bias if bias is not None else mean, plan.n, x.shape[1], plan.s,
         *plan.strides(x_ncs), *plan.strides(y_ncs), plan.chunk_n, plan.chunk_s, plan.split_s,
         eps, ACC=triton_dtype(x.dtype), ACTIVATION=activation_code,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_N=plan.block_n,
-        BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, INT64=plan.int64, num_warps=NUM_WARPS)
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **plan.tiles)
     return y

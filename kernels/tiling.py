@@ -22,6 +22,8 @@ PROGRAMS_PER_SM = 8
 # Elements per tile, per program iteration: 32 bytes per thread at 8 warps.
 TILE_BYTES = 8192
 NUM_WARPS = 8
+# Elements per tile of the partial-merging kernels.
+MERGE_TILE = 4096
 # The interpreter runs programs one after another: fewer, larger programs run faster there.
 INTERPRETER_SMS = 1
 
@@ -53,6 +55,7 @@ class Plan:
     split_s: int  # programs along the inner axis for one channel block
     splits: int  # programs for one channel block
     int64: bool
+    num_warps: int
 
     @property
     def grid(self):
@@ -64,6 +67,12 @@ class Plan:
         if self.n == 1:  # flattened rows: stride_s walks all N * S rows
             return 0, stride_c, stride_s
         return stride_n, stride_c, stride_s
+
+    @property
+    def tiles(self) -> dict:
+        """The constexpr tile arguments and num_warps of every kernel walking this plan."""
+        return dict(BLOCK_N=self.block_n, BLOCK_S=self.block_s, BLOCK_C=self.block_c,
+                    INT64=self.int64, num_warps=self.num_warps)
 
 
 def _flat_rows(shape, ncs) -> bool:
@@ -122,7 +131,19 @@ def _plan(rows_outer, rows_inner, channels, flat, channels_contiguous, element_s
     chunk_s = triton.cdiv(tiles_s, split_s) * block_s
     split_s = triton.cdiv(s, chunk_s)
     return Plan(n, s, channels, block_n, block_s, block_c, chunk_n, chunk_s, split_s,
-                split_n * split_s, int64)
+                split_n * split_s, int64, NUM_WARPS)
+
+
+def merge_geometry(channels: int, splits: int) -> dict:
+    """Grid and tiles for the kernels that add up [splits, channels] partials per channel.
+
+    Narrow channel blocks and tall split blocks: many programs, each looping a few times over
+    long tiles, since a loop iteration costs a full memory latency in these tiny kernels.
+    """
+    block_c = min(triton.next_power_of_2(channels), 16)
+    block_split = min(triton.next_power_of_2(splits), MERGE_TILE // block_c)
+    return dict(grid=(triton.cdiv(channels, block_c),),
+                tiles=dict(BLOCK_SPLIT=block_split, BLOCK_C=block_c, num_warps=4))
 
 
 @triton.jit

@@ -5,7 +5,6 @@ import torch
 
 import tritonbn
 from conftest import ACTIVATION_FNS, float64_bn_act, gpu_only, make_input, make_params, max_err
-from test_forward import ACT_MODULES, BN_MODULES
 
 pytestmark = gpu_only
 
@@ -15,9 +14,13 @@ def eager_bn_act(x, running_mean, running_var, weight, bias, training, activatio
     return ACTIVATION_FNS[activation](y)
 
 
+def rms_err(a, b) -> float:
+    return (a.double() - b.double()).square().mean().sqrt().item()
+
+
 def errors_against_float64(fn, x, dy, weight, bias, running_mean, running_var, training,
-                           activation):
-    """Max abs error of (y, dx, dweight, dbias) of fn against float64 autograd."""
+                           activation, metric=max_err):
+    """Errors (max abs by default) of (y, dx, dweight, dbias) of fn against float64 autograd."""
     leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
     y = fn(leaves[0], running_mean.clone(), running_var.clone(), leaves[1], leaves[2], training,
            activation)
@@ -26,7 +29,7 @@ def errors_against_float64(fn, x, dy, weight, bias, running_mean, running_var, t
     y64, _, _ = float64_bn_act(leaves64[0], running_mean, running_var, leaves64[1], leaves64[2],
                                training, 0.1, 1e-5, activation)
     grads64 = torch.autograd.grad(y64, leaves64, dy.double())
-    return [max_err(a, b) for a, b in zip((y, *grads), (y64, *grads64))]
+    return [metric(a, b) for a, b in zip((y, *grads), (y64, *grads64))]
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -51,19 +54,19 @@ def test_half_precision_no_worse_than_eager(shape, dtype, layout, activation, tr
                                            ("contiguous", torch.float32)])
 @pytest.mark.parametrize("shape", [(128, 256, 56, 56), (16, 64, 16, 56, 56), (65536, 256)],
                          ids=str)
-def test_large_shapes_match_eager(shape, layout, dtype):
-    C = shape[1]
-    x = make_input(shape, dtype, layout, requires_grad=True)
-    ours = ACT_MODULES[len(shape)](C, device="cuda")
-    theirs = torch.nn.Sequential(BN_MODULES[len(shape)](C, device="cuda"), torch.nn.ReLU())
-    dy = torch.randn_like(x)
-    y_ours, y_theirs = ours(x), theirs(x)
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    assert max_err(y_ours, y_theirs) < tol
-    dx_ours, = torch.autograd.grad(y_ours, x, dy)
-    dx_theirs, = torch.autograd.grad(y_theirs, x, dy)
-    assert max_err(dx_ours, dx_theirs) < tol * 10
-    assert max_err(ours.running_var, theirs[0].running_var) < 1e-4
+def test_large_shapes_no_worse_than_eager(shape, layout, dtype):
+    """Root-mean-square error against float64: with 1e8 elements, some z sit so close to 0
+    that ReLU's mask flips between any two roundings, so the max error says little here."""
+    x = make_input(shape, dtype, layout)
+    dy = make_input(shape, dtype, layout)
+    weight, bias, running_mean, running_var = make_params(shape[1])
+    args = (x, dy, weight, bias, running_mean, running_var, True, "relu")
+    ours = errors_against_float64(
+        lambda x, rm, rv, w, b, t, a: tritonbn.bn_act(x, rm, rv, w, b, t, activation=a), *args,
+        metric=rms_err)
+    eager = errors_against_float64(eager_bn_act, *args, metric=rms_err)
+    for name, e_ours, e_eager in zip(("y", "dx", "dweight", "dbias"), ours, eager):
+        assert e_ours <= 2 * e_eager + 1e-6, (name, e_ours, e_eager)
 
 
 def test_past_two_to_the_31_elements():
