@@ -13,8 +13,15 @@ import triton.language as tl
 
 from .activations import activation_grad
 from .forward import accumulate_dtype, channel_affine, reciprocal_std, triton_dtype
-from .tiling import (channel_sum, make_plan, merge_geometry, program_channels, program_rows,
-                     strides_ncs, tile_mask, tile_offsets)
+from .tiling import (channel_sum, load_tile, make_plan, merge_geometry, program_channels,
+                     program_rows, store_tile, strides_ncs)
+
+
+@triton.jit
+def _grad_tile(x, dy, mean, scale, shift, ACC: tl.constexpr, ACTIVATION: tl.constexpr):
+    """(g, x - mean) of one tile, g = dy * act'(z) with z recomputed as the forward did."""
+    x_mu = x.to(ACC) - mean
+    return activation_grad(x_mu * scale + shift, dy.to(ACC), x.dtype, ACTIVATION), x_mu
 
 
 @triton.jit
@@ -25,8 +32,9 @@ def _grad_partial_kernel(
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
     stride_dxn, stride_dxc, stride_dxs, CHUNK_N, CHUNK_S, SPLIT_S, eps, SPLITS,
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, WRITE_DX: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WRITE_DX: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr, PAIR_S: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     c, c_mask = program_channels(C, BLOCK_C)
     n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
@@ -34,24 +42,31 @@ def _grad_partial_kernel(
                                               eps, ACC, HAS_WEIGHT, HAS_BIAS)
     acc_g = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
     acc_gx = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            mask = tile_mask(n0, s0, n_hi, s_hi, c_mask, BLOCK_N, BLOCK_S)
-            x_offs = tile_offsets(n0, s0, c, stride_xn, stride_xs, stride_xc, BLOCK_N, BLOCK_S,
-                                  INT64)
-            dy_offs = tile_offsets(n0, s0, c, stride_dyn, stride_dys, stride_dyc, BLOCK_N,
-                                   BLOCK_S, INT64)
-            x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
-            dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(ACC)
-            x_mu = x.to(ACC) - mean
-            # Masked lanes load dy = 0, so g = 0 there for every activation.
-            g = activation_grad(x_mu * scale + shift, dy, x.dtype, ACTIVATION)
+    # Masked lanes load dy = 0, so g = 0 there for every activation: no tl.where needed.
+    for n0 in range(n_lo, n_hi, BLOCK_N + PAIR_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S + PAIR_S):
+            x, mask = load_tile(x_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xs,
+                                stride_xc, BLOCK_N, BLOCK_S, INT64)
+            dy, _ = load_tile(dy_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_dyn, stride_dys,
+                              stride_dyc, BLOCK_N, BLOCK_S, INT64)
+            if PAIR_N + PAIR_S > 0:
+                n1, s1 = n0 + PAIR_N, s0 + PAIR_S
+                x2, mask2 = load_tile(x_ptr, n1, s1, c, n_hi, s_hi, c_mask, stride_xn,
+                                      stride_xs, stride_xc, BLOCK_N, BLOCK_S, INT64)
+                dy2, _ = load_tile(dy_ptr, n1, s1, c, n_hi, s_hi, c_mask, stride_dyn,
+                                   stride_dys, stride_dyc, BLOCK_N, BLOCK_S, INT64)
+                g2, x_mu2 = _grad_tile(x2, dy2, mean, scale, shift, ACC, ACTIVATION)
+                acc_g += g2
+                acc_gx += g2 * x_mu2
+                if WRITE_DX:
+                    store_tile(dx_ptr, g2 * scale, mask2, n1, s1, c, stride_dxn, stride_dxs,
+                               stride_dxc, BLOCK_N, BLOCK_S, INT64)
+            g, x_mu = _grad_tile(x, dy, mean, scale, shift, ACC, ACTIVATION)
             acc_g += g
             acc_gx += g * x_mu
             if WRITE_DX:
-                dx_offs = tile_offsets(n0, s0, c, stride_dxn, stride_dxs, stride_dxc, BLOCK_N,
-                                       BLOCK_S, INT64)
-                tl.store(dx_ptr + dx_offs, (g * scale).to(dx_ptr.dtype.element_ty), mask=mask)
+                store_tile(dx_ptr, g * scale, mask, n0, s0, c, stride_dxn, stride_dxs,
+                           stride_dxc, BLOCK_N, BLOCK_S, INT64)
     out = partial_ptr + tl.program_id(1) * C + c
     tl.store(out, channel_sum(acc_g), mask=c_mask)
     tl.store(out + SPLITS * C, channel_sum(acc_gx), mask=c_mask)
@@ -85,6 +100,12 @@ def _merge_grad_kernel(
 
 
 @triton.jit
+def _dx_tile(x, dy, mean, scale, shift, mean_g, k, ACC: tl.constexpr, ACTIVATION: tl.constexpr):
+    g, x_mu = _grad_tile(x, dy, mean, scale, shift, ACC, ACTIVATION)
+    return scale * (g - mean_g - x_mu * k)
+
+
+@triton.jit
 def _dx_kernel(
     x_ptr, dy_ptr, dx_ptr,  # [N, C, S] each with its own strides
     mean_ptr, var_ptr, weight_ptr, bias_ptr,  # [C]
@@ -92,8 +113,8 @@ def _dx_kernel(
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
     stride_dxn, stride_dxc, stride_dxs, CHUNK_N, CHUNK_S, SPLIT_S, eps, count,
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr, PAIR_S: tl.constexpr, INT64: tl.constexpr,
 ):
     c, c_mask = program_channels(C, BLOCK_C)
     n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
@@ -103,21 +124,25 @@ def _dx_kernel(
     # dx = scale * (g - sum(g) / n - xhat * sum(g * xhat) / n), with xhat = (x - mean) * rstd
     mean_g = (tl.load(sums_ptr + c, mask=c_mask, other=0.0) / n)[None, None, :]
     k = rstd * (tl.load(sums_ptr + C + c, mask=c_mask, other=0.0) / n)[None, None, :]
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            mask = tile_mask(n0, s0, n_hi, s_hi, c_mask, BLOCK_N, BLOCK_S)
-            x_offs = tile_offsets(n0, s0, c, stride_xn, stride_xs, stride_xc, BLOCK_N, BLOCK_S,
-                                  INT64)
-            dy_offs = tile_offsets(n0, s0, c, stride_dyn, stride_dys, stride_dyc, BLOCK_N,
-                                   BLOCK_S, INT64)
-            x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
-            dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(ACC)
-            x_mu = x.to(ACC) - mean
-            g = activation_grad(x_mu * scale + shift, dy, x.dtype, ACTIVATION)
-            dx = scale * (g - mean_g - x_mu * k)
-            dx_offs = tile_offsets(n0, s0, c, stride_dxn, stride_dxs, stride_dxc, BLOCK_N,
-                                   BLOCK_S, INT64)
-            tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    for n0 in range(n_lo, n_hi, BLOCK_N + PAIR_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S + PAIR_S):
+            x, mask = load_tile(x_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xs,
+                                stride_xc, BLOCK_N, BLOCK_S, INT64)
+            dy, _ = load_tile(dy_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_dyn, stride_dys,
+                              stride_dyc, BLOCK_N, BLOCK_S, INT64)
+            if PAIR_N + PAIR_S > 0:
+                n1, s1 = n0 + PAIR_N, s0 + PAIR_S
+                x2, mask2 = load_tile(x_ptr, n1, s1, c, n_hi, s_hi, c_mask, stride_xn,
+                                      stride_xs, stride_xc, BLOCK_N, BLOCK_S, INT64)
+                dy2, _ = load_tile(dy_ptr, n1, s1, c, n_hi, s_hi, c_mask, stride_dyn,
+                                   stride_dys, stride_dyc, BLOCK_N, BLOCK_S, INT64)
+                store_tile(dx_ptr, _dx_tile(x2, dy2, mean, scale, shift, mean_g, k, ACC,
+                                            ACTIVATION),
+                           mask2, n1, s1, c, stride_dxn, stride_dxs, stride_dxc, BLOCK_N,
+                           BLOCK_S, INT64)
+            store_tile(dx_ptr, _dx_tile(x, dy, mean, scale, shift, mean_g, k, ACC, ACTIVATION),
+                       mask, n0, s0, c, stride_dxn, stride_dxs, stride_dxc, BLOCK_N, BLOCK_S,
+                       INT64)
 
 
 def normalize_act_backward(dy, x, mean, var, weight, bias, eps: float, training: bool,

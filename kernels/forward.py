@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from .activations import activation
-from .tiling import (channel_sum, make_plan, merge_geometry, program_channels, program_rows,
-                     strides_ncs, tile_mask, tile_offsets)
+from .tiling import (channel_sum, load_tile, make_plan, merge_geometry, program_channels,
+                     program_rows, store_tile, strides_ncs)
 
 
 @triton.jit
@@ -28,19 +28,24 @@ def _partial_sums_kernel(
     N, C, S, stride_n, stride_c, stride_s,
     CHUNK_N, CHUNK_S, SPLIT_S, SPLITS,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-    INT64: tl.constexpr,
+    PAIR_N: tl.constexpr, PAIR_S: tl.constexpr, INT64: tl.constexpr,
 ):
     c, c_mask = program_channels(C, BLOCK_C)
     n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
     shift = tl.load(x_ptr + c * stride_c, mask=c_mask, other=0.0).to(ACC)[None, None, :]
     acc_d = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
     acc_d2 = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            offs = tile_offsets(n0, s0, c, stride_n, stride_s, stride_c, BLOCK_N, BLOCK_S, INT64)
-            mask = tile_mask(n0, s0, n_hi, s_hi, c_mask, BLOCK_N, BLOCK_S)
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-            d = tl.where(mask, x - shift, 0.0)
+    for n0 in range(n_lo, n_hi, BLOCK_N + PAIR_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S + PAIR_S):
+            x, mask = load_tile(x_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_n, stride_s,
+                                stride_c, BLOCK_N, BLOCK_S, INT64)
+            if PAIR_N + PAIR_S > 0:
+                x2, mask2 = load_tile(x_ptr, n0 + PAIR_N, s0 + PAIR_S, c, n_hi, s_hi, c_mask,
+                                      stride_n, stride_s, stride_c, BLOCK_N, BLOCK_S, INT64)
+                d2 = tl.where(mask2, x2.to(ACC) - shift, 0.0)
+                acc_d += d2
+                acc_d2 += d2 * d2
+            d = tl.where(mask, x.to(ACC) - shift, 0.0)
             acc_d += d
             acc_d2 += d * d
     out = partial_ptr + tl.program_id(1) * C + c
@@ -112,6 +117,11 @@ def channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, c, c_mask, eps, ACC:
 
 
 @triton.jit
+def _normalize_tile(x, mean, scale, shift, ACC: tl.constexpr, ACTIVATION: tl.constexpr):
+    return activation((x.to(ACC) - mean) * scale + shift, x.dtype, ACTIVATION)
+
+
+@triton.jit
 def _normalize_kernel(
     x_ptr, y_ptr,  # [N, C, S] input and output, each with its own strides
     mean_ptr, var_ptr,  # [C] batch statistics or running statistics, any float dtype
@@ -119,24 +129,26 @@ def _normalize_kernel(
     N, C, S, stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
     CHUNK_N, CHUNK_S, SPLIT_S, eps,
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr, PAIR_S: tl.constexpr, INT64: tl.constexpr,
 ):
     c, c_mask = program_channels(C, BLOCK_C)
     n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
     mean, _, scale, shift = channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, c, c_mask,
                                            eps, ACC, HAS_WEIGHT, HAS_BIAS)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            mask = tile_mask(n0, s0, n_hi, s_hi, c_mask, BLOCK_N, BLOCK_S)
-            x_offs = tile_offsets(n0, s0, c, stride_xn, stride_xs, stride_xc, BLOCK_N, BLOCK_S,
-                                  INT64)
-            x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
-            z = (x.to(ACC) - mean) * scale + shift
-            y = activation(z, x.dtype, ACTIVATION).to(y_ptr.dtype.element_ty)
-            y_offs = tile_offsets(n0, s0, c, stride_yn, stride_ys, stride_yc, BLOCK_N, BLOCK_S,
-                                  INT64)
-            tl.store(y_ptr + y_offs, y, mask=mask)
+    for n0 in range(n_lo, n_hi, BLOCK_N + PAIR_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S + PAIR_S):
+            # Both loads go ahead of both stores, which the compiler may not reorder.
+            x, mask = load_tile(x_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xs,
+                                stride_xc, BLOCK_N, BLOCK_S, INT64)
+            if PAIR_N + PAIR_S > 0:
+                x2, mask2 = load_tile(x_ptr, n0 + PAIR_N, s0 + PAIR_S, c, n_hi, s_hi, c_mask,
+                                      stride_xn, stride_xs, stride_xc, BLOCK_N, BLOCK_S, INT64)
+                store_tile(y_ptr, _normalize_tile(x2, mean, scale, shift, ACC, ACTIVATION), mask2,
+                           n0 + PAIR_N, s0 + PAIR_S, c, stride_yn, stride_ys, stride_yc,
+                           BLOCK_N, BLOCK_S, INT64)
+            store_tile(y_ptr, _normalize_tile(x, mean, scale, shift, ACC, ACTIVATION), mask, n0,
+                       s0, c, stride_yn, stride_ys, stride_yc, BLOCK_N, BLOCK_S, INT64)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -9,6 +9,10 @@ Each program owns BLOCK_C channels and a chunk of rows, walked in [BLOCK_N, BLOC
 tiles: channels-contiguous layouts take wide BLOCK_C tiles, so each row of the tile is one
 coalesced segment; channel-major layouts take BLOCK_C = 1 and long runs along S. The rows of
 each channel block are split over enough programs to fill the GPU, whatever the shape.
+
+Each loop iteration loads two tiles before using either (PAIR_N or PAIR_S apart): the
+reductions keep per-lane accumulators, whose registers cap how many programs an SM holds,
+so a second tile in flight per iteration is the cheap way to keep more bytes in flight.
 """
 import functools
 from dataclasses import dataclass
@@ -24,6 +28,8 @@ TILE_BYTES = 8192
 NUM_WARPS = 8
 # Elements per tile of the partial-merging kernels.
 MERGE_TILE = 4096
+# Offsets at or past this switch the kernels to int64 indexing.
+INT32_LIMIT = 2**31
 # The interpreter runs programs one after another: fewer, larger programs run faster there.
 INTERPRETER_SMS = 1
 
@@ -56,6 +62,8 @@ class Plan:
     splits: int  # programs for one channel block
     int64: bool
     num_warps: int
+    pair_n: int  # offset of each iteration's second tile: one of pair_n, pair_s is 0
+    pair_s: int
 
     @property
     def grid(self):
@@ -72,7 +80,8 @@ class Plan:
     def tiles(self) -> dict:
         """The constexpr tile arguments and num_warps of every kernel walking this plan."""
         return dict(BLOCK_N=self.block_n, BLOCK_S=self.block_s, BLOCK_C=self.block_c,
-                    INT64=self.int64, num_warps=self.num_warps)
+                    PAIR_N=self.pair_n, PAIR_S=self.pair_s, INT64=self.int64,
+                    num_warps=self.num_warps)
 
 
 def _flat_rows(shape, ncs) -> bool:
@@ -94,7 +103,7 @@ def make_plan(t: torch.Tensor, *others_ncs) -> Plan:
     else:
         sms = INTERPRETER_SMS
     return _plan(n * s if flat else n, 1 if flat else s, c, flat, channels_contiguous,
-                 t.element_size(), sms, _reach(t, all_ncs) >= 2**31)
+                 t.element_size(), sms, _reach(t, all_ncs) >= INT32_LIMIT)
 
 
 def _reach(t, all_ncs) -> int:
@@ -117,7 +126,7 @@ def _plan(rows_outer, rows_inner, channels, flat, channels_contiguous, element_s
     tile = TILE_BYTES // element_size
     if channels_contiguous:
         # Up to 512 contiguous bytes per tile row.
-        block_c = min(triton.next_power_of_2(channels), 512 // element_size)
+        block_c = min(triton.next_power_of_2(channels), 512 // element_size, tile)
     else:
         block_c = 1
     block_s = min(triton.next_power_of_2(s), tile // block_c)
@@ -126,13 +135,18 @@ def _plan(rows_outer, rows_inner, channels, flat, channels_contiguous, element_s
     wanted = max(1, triton.cdiv(sms * PROGRAMS_PER_SM, triton.cdiv(channels, block_c)))
     split_n = min(tiles_n, wanted)
     chunk_n = triton.cdiv(tiles_n, split_n) * block_n
-    split_n = triton.cdiv(n, chunk_n)
-    split_s = min(tiles_s, triton.cdiv(wanted, split_n))
+    split_s = min(tiles_s, triton.cdiv(wanted, triton.cdiv(n, chunk_n)))
     chunk_s = triton.cdiv(tiles_s, split_s) * block_s
-    split_s = triton.cdiv(s, chunk_s)
+    # Each loop iteration reads two tiles, along whichever axis a program walks several.
+    if chunk_s > block_s:
+        pair_n, pair_s = 0, block_s
+    else:
+        pair_n, pair_s = (block_n if chunk_n > block_n else 0), 0
+    chunk_n = triton.cdiv(chunk_n, block_n + pair_n) * (block_n + pair_n)
+    chunk_s = triton.cdiv(chunk_s, block_s + pair_s) * (block_s + pair_s)
+    split_n, split_s = triton.cdiv(n, chunk_n), triton.cdiv(s, chunk_s)
     return Plan(n, s, channels, block_n, block_s, block_c, chunk_n, chunk_s, split_s,
-                split_n * split_s, int64, NUM_WARPS)
-
+                split_n * split_s, int64, NUM_WARPS, pair_n, pair_s)
 
 def merge_geometry(channels: int, splits: int) -> dict:
     """Grid and tiles for the kernels that add up [splits, channels] partials per channel.
@@ -179,6 +193,22 @@ def tile_mask(n0, s0, n_hi, s_hi, c_mask, BLOCK_N: tl.constexpr, BLOCK_S: tl.con
     n = n0 + tl.arange(0, BLOCK_N)
     s = s0 + tl.arange(0, BLOCK_S)
     return (n < n_hi)[:, None, None] & (s < s_hi)[None, :, None] & c_mask[None, None, :]
+
+
+@triton.jit
+def load_tile(ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_n, stride_s, stride_c,
+              BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
+    """(values, mask) of the tile at (n0, s0); masked-out lanes read 0."""
+    mask = tile_mask(n0, s0, n_hi, s_hi, c_mask, BLOCK_N, BLOCK_S)
+    offs = tile_offsets(n0, s0, c, stride_n, stride_s, stride_c, BLOCK_N, BLOCK_S, INT64)
+    return tl.load(ptr + offs, mask=mask, other=0.0), mask
+
+
+@triton.jit
+def store_tile(ptr, values, mask, n0, s0, c, stride_n, stride_s, stride_c,
+               BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
+    offs = tile_offsets(n0, s0, c, stride_n, stride_s, stride_c, BLOCK_N, BLOCK_S, INT64)
+    tl.store(ptr + offs, values.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
