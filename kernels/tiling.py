@@ -23,9 +23,9 @@ import triton.language as tl
 
 # Programs per SM to aim for: enough in flight to hide memory latency.
 PROGRAMS_PER_SM = 8
-# Elements per tile, per program iteration: 32 bytes per thread at 8 warps.
+# Bytes per tile, per program iteration: 64 bytes per thread at 4 warps.
 TILE_BYTES = 8192
-NUM_WARPS = 8
+NUM_WARPS = 4
 # Elements per tile of the partial-merging kernels.
 MERGE_TILE = 4096
 # Offsets at or past this switch the kernels to int64 indexing.

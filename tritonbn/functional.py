@@ -58,11 +58,14 @@ def forward_checked(input: Tensor, running_mean: Optional[Tensor], running_var: 
     """bn_act after check_inputs: an empty batch returns an empty output, stats untouched."""
     if input.numel() == 0:
         return input.clone()
+    mean, var = running_mean, running_var
+    if torch.compiler.is_compiling():  # the registered ops: traceable, no graph break
+        if training:
+            mean, var = ops.batch_stats(input.detach(), running_mean, running_var, momentum)
+        return ops.normalize_act(input, mean, var, weight, bias, eps, training, code)
     if training:
-        mean, var = ops.batch_stats(input.detach(), running_mean, running_var, momentum)
-    else:
-        mean, var = running_mean, running_var
-    return ops.normalize_act(input, mean, var, weight, bias, eps, training, code)
+        mean, var = ops.run_batch_stats(input.detach(), running_mean, running_var, momentum)
+    return ops.EagerNormalizeAct.apply(input, mean, var, weight, bias, eps, training, code)
 
 
 def bn_act(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -38,11 +38,24 @@ def _walkable(t: Tensor) -> Tensor:
     return t if strides_ncs(t) is not None else t.contiguous()
 
 
+def run_batch_stats(x, running_mean, running_var, momentum):
+    return _backend(x).batch_stats(_walkable(x), running_mean, running_var, momentum)
+
+
+def run_normalize_act(x, mean, var, weight, bias, eps, activation):
+    return _backend(x).normalize_act(_walkable(x), mean, var, weight, bias, eps, activation)
+
+
+def run_normalize_act_backward(dy, x, mean, var, weight, bias, eps, training, activation):
+    return _backend(x).normalize_act_backward(_walkable(dy), _walkable(x), mean, var, weight,
+                                              bias, eps, training, activation)
+
+
 @torch.library.custom_op("tritonbn::batch_stats", mutates_args=("running_mean", "running_var"))
 def batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 momentum: float) -> tuple[Tensor, Tensor]:
     """(mean, biased var) per channel, float32 (float64 for float64 x)."""
-    return _backend(x).batch_stats(_walkable(x), running_mean, running_var, momentum)
+    return run_batch_stats(x, running_mean, running_var, momentum)
 
 
 @batch_stats.register_fake
@@ -55,7 +68,7 @@ def _(x, running_mean, running_var, momentum):
 def normalize_act(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
                   bias: Optional[Tensor], eps: float, training: bool, activation: int) -> Tensor:
     """act((x - mean) / sqrt(var + eps) * weight + bias); training says mean/var are x's own."""
-    return _backend(x).normalize_act(_walkable(x), mean, var, weight, bias, eps, activation)
+    return run_normalize_act(x, mean, var, weight, bias, eps, activation)
 
 
 @normalize_act.register_fake
@@ -68,8 +81,7 @@ def normalize_act_backward(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor,
                            weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                            training: bool, activation: int) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias); dweight/dbias in the parameters' dtype (accumulate when None)."""
-    return _backend(x).normalize_act_backward(_walkable(dy), _walkable(x), mean, var, weight,
-                                              bias, eps, training, activation)
+    return run_normalize_act_backward(dy, x, mean, var, weight, bias, eps, training, activation)
 
 
 @normalize_act_backward.register_fake
@@ -86,12 +98,28 @@ def _setup_context(ctx, inputs, output):
     ctx.eps, ctx.training, ctx.activation = eps, training, activation
 
 
-def _backward(ctx, dy):
+def _gradients(ctx, dy, backward_fn):
     x, mean, var, weight, bias = ctx.saved_tensors
-    dx, dweight, dbias = normalize_act_backward(dy, x, mean, var, weight, bias, ctx.eps,
-                                                ctx.training, ctx.activation)
+    dx, dweight, dbias = backward_fn(dy, x, mean, var, weight, bias, ctx.eps, ctx.training,
+                                     ctx.activation)
     return (dx, None, None, dweight if weight is not None else None,
             dbias if bias is not None else None, None, None, None)
 
 
-normalize_act.register_autograd(_backward, setup_context=_setup_context)
+normalize_act.register_autograd(lambda ctx, dy: _gradients(ctx, dy, normalize_act_backward),
+                                setup_context=_setup_context)
+
+
+class EagerNormalizeAct(torch.autograd.Function):
+    """normalize_act for eager mode: the same implementation and autograd formula as the
+    registered op, minus torch.library's dispatch, whose per-call host cost (tens of
+    microseconds per op) exceeds the kernels' own time on small tensors."""
+
+    @staticmethod
+    def forward(ctx, x, mean, var, weight, bias, eps, training, activation):
+        _setup_context(ctx, (x, mean, var, weight, bias, eps, training, activation), None)
+        return run_normalize_act(x, mean, var, weight, bias, eps, activation)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _gradients(ctx, dy, run_normalize_act_backward)
