@@ -1,0 +1,373 @@
+"""Perf sweep: tritonbn's fused BatchNorm + activation against eager PyTorch and torch.compile.
+
+Writes a long-format CSV, one row per (shape, dtype, layout, activation, mode, provider), and
+prints a markdown summary.
+
+Providers: tritonbn (BatchNormAct*d), eager (nn.BatchNorm*d then the activation module),
+compile (torch.compile of that eager pair), tritonbn_compile (torch.compile of BatchNormAct*d).
+Modes: train_fwd (training forward, recording autograd as a training step does), train_fwdbwd
+(that forward plus the backward of a fixed random grad, to the input and the parameters; taken
+with torch.autograd.grad, so nothing accumulates into .grad), eval_fwd (under no_grad).
+
+Timing is triton.testing.do_bench's p20/p50/p80, with L2 flushed before every run. GB/s counts
+passes over the tensor, on the floor (train_fwd 2, train_fwdbwd 5, eval_fwd 2) and on the
+8-pass model (3, 8, 2), against the device-to-device copy bandwidth measured at the start.
+max_abs_err (and max_abs_err_dx for train_fwdbwd) compare each provider with eager.
+host_us, on the small shapes only, is the wall time per call of a burst of calls with no sync:
+few enough that the launch queue never fills, so it is the host's time, not the GPU's.
+
+Trade-offs, to keep the full sweep to minutes on a GPU:
+- torch.compile costs seconds per graph. Each case compiles one training graph, shared by
+  train_fwd and train_fwdbwd, and one eval graph. Dynamo is reset between cases, so guard lists
+  stay two entries long: the recompile limit is never reached and guard checks (part of
+  host_us) do not grow with the cases run before. fullgraph=True turns a graph break or a
+  fallback to eager into an error rather than an eager time filed under a compile provider.
+- A case that fails records its error in its rows and the sweep goes on.
+- Without a GPU the kernels run on the CPU through Triton's interpreter, on tiny shapes, timed
+  with perf_counter, bfloat16 left out (the interpreter has no bfloat16 arithmetic) and the
+  compile providers too unless named (Inductor builds C++ for seconds per graph). Such rows say
+  interpreter=True: they check the script and the kernels' results, not their speed.
+"""
+import argparse
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    # Triton picks the interpreter when it is imported, so this must precede tritonbn.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+from plot import summary_table  # noqa: E402
+
+import tritonbn  # noqa: E402
+
+PERF_DIR = Path(__file__).resolve().parent
+DEVICE = "cuda" if ON_GPU else "cpu"
+PROVIDERS = ("tritonbn", "eager", "compile", "tritonbn_compile")
+COMPILED = {"compile", "tritonbn_compile"}
+MODES = ("train_fwd", "train_fwdbwd", "eval_fwd")
+PASSES_FLOOR = {"train_fwd": 2, "train_fwdbwd": 5, "eval_fwd": 2}
+PASSES_MODEL = {"train_fwd": 3, "train_fwdbwd": 8, "eval_fwd": 2}
+QUANTILES = (0.2, 0.5, 0.8)
+# Half do_bench's default warm-up and run time: still tens to thousands of runs per row, and
+# the full sweep keeps to minutes.
+BENCH_WARMUP_MS, BENCH_REP_MS = 10, 50
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LAYOUTS = ("channels_last", "contiguous")
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
+                  "channels_last_3d": torch.channels_last_3d}
+ACTIVATIONS = ("relu", "sigmoid", "identity")
+ACTIVATION_MODULES = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "identity": nn.Identity}
+TORCH_BATCHNORMS = {2: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+TRITONBN_MODULES = {2: tritonbn.BatchNormAct1d, 4: tritonbn.BatchNormAct2d,
+                    5: tritonbn.BatchNormAct3d}
+
+RESNET50_CHW = ((64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 28, 28), (512, 28, 28),
+                (256, 14, 14), (1024, 14, 14), (512, 7, 7), (2048, 7, 7))
+BATCHNORM1D_SHAPES = ((8192, 1024), (65536, 256), (256, 4096))
+HOST_SHAPES = {(32, 64, 56, 56), *BATCHNORM1D_SHAPES}
+TINY_SHAPES = ((2, 3, 4, 4), (8, 5), (2, 3, 2, 4, 4))
+# Wall time per host-overhead burst stays below the launch queue's depth (about a thousand).
+HOST_CALLS = 50
+CPU_REPEATS = 5
+COPY_BYTES = 1 << 30 if ON_GPU else 1 << 26
+
+
+@dataclass(frozen=True)
+class Preset:
+    shapes: tuple
+    formats: tuple  # (dtype, layout) pairs
+    activation_shapes: tuple  # shapes also run with every activation, in the first format
+
+
+FULL = Preset(
+    shapes=tuple((n, *chw) for n in (128, 32) for chw in RESNET50_CHW)
+    + BATCHNORM1D_SHAPES + ((16, 64, 16, 56, 56),),
+    formats=(("bf16", "channels_last"), ("fp16", "channels_last"), ("fp32", "contiguous"),
+             ("bf16", "contiguous")),
+    activation_shapes=((128, 256, 56, 56), (32, 64, 56, 56), (128, 1024, 14, 14), (8192, 1024)))
+QUICK = Preset(
+    shapes=((128, 256, 56, 56), (128, 1024, 14, 14), (32, 64, 56, 56), (8192, 1024)),
+    formats=(("bf16", "channels_last"), ("fp32", "contiguous")),
+    activation_shapes=())
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: tuple
+    dtype: str
+    layout: str  # contiguous, channels_last or channels_last_3d
+    activation: str
+
+    @property
+    def label(self) -> str:
+        return "x".join(map(str, self.shape))
+
+
+def shape_layout(layout: str, ndim: int) -> str:
+    """The memory format a layout means at this rank: moot in 2-D, channels_last_3d in 5-D."""
+    if ndim == 2:
+        return "contiguous"
+    return "channels_last_3d" if ndim == 5 and layout == "channels_last" else layout
+
+
+def shape_selected(index: int, shape: tuple, tokens: list[str]) -> bool:
+    """tokens: indexes into the preset's shape list, or substrings of labels like 256x56x56."""
+    label = "x".join(map(str, shape))
+    return any(token == str(index) if token.isdigit() else token in label for token in tokens)
+
+
+def plan_cases(args) -> list[Case]:
+    preset = QUICK if args.quick else FULL
+    shapes, activation_shapes = preset.shapes, preset.activation_shapes
+    if args.tiny or not ON_GPU:
+        shapes, activation_shapes = TINY_SHAPES, TINY_SHAPES[:1]
+    if args.shapes:
+        shapes = [shape for i, shape in enumerate(shapes) if shape_selected(i, shape, args.shapes)]
+    formats = [(dtype, layout) for dtype, layout in preset.formats
+               if dtype in args.dtypes and layout in args.layouts
+               and (ON_GPU or dtype != "bf16")]
+    cases = []
+    for shape in shapes:
+        for dtype, layout in formats:
+            extra = shape in activation_shapes and (dtype, layout) == formats[0]
+            for activation in ACTIVATIONS if extra else ("relu",):
+                if activation in args.activations:
+                    cases.append(Case(shape, dtype, shape_layout(layout, len(shape)),
+                                      activation))
+    return list(dict.fromkeys(cases))  # 2-D shapes collapse layouts: drop the repeats
+
+
+def random_state(channels: int) -> dict:
+    """Parameters and running statistics far from their identity defaults."""
+    return {"weight": torch.rand(channels) + 0.5, "bias": torch.randn(channels) * 0.5,
+            "running_mean": torch.randn(channels) * 0.5,
+            "running_var": torch.rand(channels) + 0.5,
+            "num_batches_tracked": torch.tensor(0)}
+
+
+def build(provider: str, case: Case):
+    """(module, its BatchNorm, the callable to time): float32 parameters, as under autocast."""
+    ndim, channels = len(case.shape), case.shape[1]
+    if provider.startswith("tritonbn"):
+        module = TRITONBN_MODULES[ndim](channels, activation=case.activation)
+        batchnorm = module
+    else:
+        batchnorm = TORCH_BATCHNORMS[ndim](channels)
+        module = nn.Sequential(batchnorm, ACTIVATION_MODULES[case.activation]())
+    module.to(DEVICE)
+    if provider in COMPILED:
+        return module, batchnorm, torch.compile(module, dynamic=False, fullgraph=True)
+    return module, batchnorm, module
+
+
+def step(mode: str, run, batchnorm, x, dy):
+    """The call to time; it returns (y,) or, for train_fwdbwd, (y, dx, dweight, dbias)."""
+    if mode == "train_fwdbwd":
+        def forward_backward():
+            y = run(x)
+            return (y, *torch.autograd.grad(y, (x, batchnorm.weight, batchnorm.bias), dy))
+        return forward_backward
+    return lambda: (run(x),)
+
+
+def time_ms(fn) -> tuple[float, float, float]:
+    """p20, p50, p80 of fn's time in ms."""
+    if ON_GPU:
+        return tuple(triton.testing.do_bench(fn, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS,
+                                             quantiles=list(QUANTILES)))
+    times = []
+    for _ in range(CPU_REPEATS):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return tuple(np.quantile(times, QUANTILES))
+
+
+def host_us(fn) -> float:
+    """Wall time per call, in us, of a burst of calls with no sync between them."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(HOST_CALLS):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / HOST_CALLS * 1e6
+
+
+def copy_bandwidth_gbps() -> float:
+    """Device-to-device copy_ bandwidth: bytes read plus bytes written over the p50 time."""
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    return 2 * COPY_BYTES / (time_ms(lambda: dst.copy_(src))[1] * 1e6)
+
+
+def max_abs_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return (out.double() - ref.double()).abs().max().item()
+
+
+def run_case(case: Case, modes, providers, copy_gbps: float, progress) -> list[dict]:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    state = random_state(case.shape[1])
+    x = torch.randn(case.shape, dtype=DTYPES[case.dtype], device=DEVICE)
+    x = x.contiguous(memory_format=MEMORY_FORMATS[case.layout]).requires_grad_()
+    dy = torch.randn_like(x)
+    inputs = {mode: x.detach() if mode == "eval_fwd" else x for mode in modes}
+    tensor_bytes = x.numel() * x.element_size()
+
+    def prepared(built, mode):
+        module, batchnorm, run = built
+        batchnorm.load_state_dict(state)
+        module.train(mode != "eval_fwd")
+        return step(mode, run, batchnorm, inputs[mode], dy)
+
+    reference_module = build("eager", case)
+    reference = {}
+    rows = []
+    for provider in providers:
+        built = None
+        for mode in modes:
+            row = {"shape": case.label, "dtype": case.dtype, "layout": case.layout,
+                   "activation": case.activation, "mode": mode, "provider": provider}
+            try:
+                built = built or build(provider, case)
+                with torch.set_grad_enabled(mode != "eval_fwd"):
+                    if mode not in reference:
+                        reference[mode] = prepared(reference_module, mode)()
+                    fn = prepared(built, mode)
+                    outputs = fn()  # also compiles and warms up
+                    p20, p50, p80 = time_ms(fn)
+                    overhead = (host_us(fn) if ON_GPU and case.shape in HOST_SHAPES
+                                else float("nan"))
+                gbps_model = PASSES_MODEL[mode] * tensor_bytes / (p50 * 1e6)
+                row.update(
+                    ms_p20=p20, ms_p50=p50, ms_p80=p80,
+                    gbps_floor=PASSES_FLOOR[mode] * tensor_bytes / (p50 * 1e6),
+                    gbps_model=gbps_model, pct_copy_bw=gbps_model / copy_gbps * 100,
+                    max_abs_err=max_abs_err(outputs[0], reference[mode][0]),
+                    max_abs_err_dx=(max_abs_err(outputs[1], reference[mode][1])
+                                    if mode == "train_fwdbwd" else float("nan")),
+                    host_us=overhead)
+            except Exception as error:  # noqa: BLE001 - recorded in the row; the sweep goes on
+                row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+                progress.write(f"{case.label} {case.dtype} {case.layout} {case.activation} "
+                               f"{mode} {provider}: {row['error']}")
+            rows.append(row)
+            progress.update()
+    return rows
+
+
+def add_speedups(df: pd.DataFrame) -> pd.DataFrame:
+    """speedup_vs_<peer>: the peer's p50 over this row's p50, in the same configuration."""
+    key = ["shape", "dtype", "layout", "activation", "mode"]
+    for peer in ("eager", "compile"):
+        peer_ms = df.loc[df.provider == peer, key + ["ms_p50"]].rename(
+            columns={"ms_p50": "peer_ms"})
+        merged = df[key].merge(peer_ms, on=key, how="left")
+        df[f"speedup_vs_{peer}"] = merged["peer_ms"].to_numpy() / df["ms_p50"].to_numpy()
+    return df
+
+
+COLUMNS = ["shape", "dtype", "layout", "activation", "mode", "provider", "ms_p20", "ms_p50",
+           "ms_p80", "gbps_floor", "gbps_model", "pct_copy_bw", "speedup_vs_eager",
+           "speedup_vs_compile", "max_abs_err", "max_abs_err_dx", "host_us", "copy_gbps", "gpu",
+           "torch", "triton", "date", "interpreter", "error"]
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100', 'NVIDIA H200' -> 'h200', 'AMD Instinct MI300X' ->
+    'mi300x': the first word of the device name that is not a brand."""
+    brands = {"nvidia", "geforce", "rtx", "tesla", "quadro", "amd", "radeon", "instinct"}
+    words = [w for w in re.split(r"[\s_-]+", name.lower()) if w and w not in brands]
+    return re.sub(r"[^a-z0-9]", "", words[0]) if words else "gpu"
+
+
+def csv_list(choices):
+    """An argparse type: a comma-separated subset of choices."""
+    def parse(text: str) -> list[str]:
+        picked = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in picked if item not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; "
+                                             f"choose from {', '.join(choices)}")
+        return picked
+    return parse
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="four shapes, bf16 channels_last and fp32 contiguous, relu")
+    parser.add_argument("--tiny", action="store_true",
+                        help="interpreter-sized shapes (always so without a GPU)")
+    parser.add_argument("--shapes", type=lambda s: [t.strip() for t in s.split(",")],
+                        help="comma-separated substrings of a shape label such as 256x56x56, "
+                             "or indexes into the preset's shape list")
+    parser.add_argument("--dtypes", type=csv_list(tuple(DTYPES)), default=list(DTYPES))
+    parser.add_argument("--layouts", type=csv_list(LAYOUTS), default=list(LAYOUTS),
+                        help="channels_last means channels_last_3d for 5-D input")
+    parser.add_argument("--activations", type=csv_list(ACTIVATIONS), default=list(ACTIVATIONS))
+    parser.add_argument("--modes", type=csv_list(MODES), default=list(MODES))
+    parser.add_argument("--providers", type=csv_list(PROVIDERS),
+                        help="default: all on a GPU, tritonbn,eager without one")
+    parser.add_argument("--out", type=Path,
+                        help="CSV path, or a folder for <gpu>.csv; default "
+                             "perf/results/<gpu>.csv, perf/results-interpreter.csv without a GPU")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> pd.DataFrame:
+    args = parse_args(argv)
+    interpreting = tritonbn.ops.INTERPRETING
+    if not ON_GPU and not interpreting:
+        sys.exit("no GPU, and triton was imported without TRITON_INTERPRET=1: tritonbn would "
+                 "run its PyTorch reference, not its kernels")
+    providers = args.providers or (list(PROVIDERS) if ON_GPU else ["tritonbn", "eager"])
+    cases = plan_cases(args)
+    if not cases:
+        sys.exit("the filters select no case")
+    device_name = torch.cuda.get_device_name() if ON_GPU else "cpu"
+    out = args.out or (PERF_DIR / "results" / f"{device_slug(device_name)}.csv" if ON_GPU
+                       else PERF_DIR / "results-interpreter.csv")
+    if out.is_dir():
+        out = out / f"{device_slug(device_name)}.csv"
+    banner = ("INTERPRETER NUMBERS: no GPU, the Triton kernels ran on the CPU through Triton's "
+              "interpreter; these times are not GPU timings" if interpreting else "")
+    print(banner or f"{device_name}: {len(cases)} cases x {len(args.modes)} modes x "
+                    f"{len(providers)} providers")
+
+    start = time.perf_counter()
+    copy_gbps = copy_bandwidth_gbps()
+    print(f"device-to-device copy bandwidth: {copy_gbps:.0f} GB/s")
+    with tqdm(total=len(cases) * len(args.modes) * len(providers), unit="row") as progress:
+        rows = [row for case in cases
+                for row in run_case(case, args.modes, providers, copy_gbps, progress)]
+    df = add_speedups(pd.DataFrame(rows).reindex(columns=COLUMNS))
+    df = df.assign(copy_gbps=copy_gbps, gpu=device_name, torch=torch.__version__,
+                   triton=triton.__version__, date=date.today().isoformat(),
+                   interpreter=interpreting)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    print(summary_table(df))
+    print(f"wrote {len(df)} rows to {out} in {time.perf_counter() - start:.0f} s")
+    if banner:
+        print(banner)
+    return df
+
+
+if __name__ == "__main__":
+    main()
