@@ -324,6 +324,8 @@ def parse_args(argv=None):
     parser.add_argument("--modes", type=csv_list(MODES), default=list(MODES))
     parser.add_argument("--providers", type=csv_list(PROVIDERS),
                         help="default: all on a GPU, tritonbn,eager without one")
+    parser.add_argument("--max-seconds", type=float, default=float("inf"),
+                        help="start no new case after this long; the CSV holds the cases done")
     parser.add_argument("--out", type=Path,
                         help="CSV path, or a folder for <gpu>.csv; default "
                              "perf/results/<gpu>.csv, perf/results-interpreter.csv without a GPU")
@@ -353,9 +355,13 @@ def main(argv=None) -> pd.DataFrame:
     start = time.perf_counter()
     copy_gbps = copy_bandwidth_gbps()
     print(f"device-to-device copy bandwidth: {copy_gbps:.0f} GB/s")
+    rows = []
     with tqdm(total=len(cases) * len(args.modes) * len(providers), unit="row") as progress:
-        rows = [row for case in cases
-                for row in run_case(case, args.modes, providers, copy_gbps, progress)]
+        for done, case in enumerate(cases):
+            if time.perf_counter() - start > args.max_seconds:
+                print(f"--max-seconds reached: {done} of {len(cases)} cases run")
+                break
+            rows.extend(run_case(case, args.modes, providers, copy_gbps, progress))
     df = add_speedups(pd.DataFrame(rows).reindex(columns=COLUMNS))
     df = df.assign(copy_gbps=copy_gbps, gpu=device_name, torch=torch.__version__,
                    triton=triton.__version__, date=date.today().isoformat(),
