@@ -18,8 +18,10 @@ included, since they may change forward), BatchNorms or activation modules carry
 The result is a new ``torch.fx.GraphModule``; the input model is never modified. Its parameters,
 buffers and submodules are a deep copy of the model's own, at the same paths and in the same
 order, so ``state_dict()`` keys are exactly the original's and checkpoints load either way.
-Activation modules stay in place even where no call uses them any more. Being a GraphModule,
-the result keeps the traced ``forward`` only: other methods of the model's class are not on it.
+Activation modules stay in place even where no call uses them any more. Being a GraphModule
+(named after the model's class, as fx.symbolic_trace names it), the result keeps the traced
+``forward`` only: other methods of the model's class are not on it, and a converted
+nn.Sequential is reached by ``get_submodule("3")``, not by index.
 
 A model torch.fx cannot trace (data-dependent control flow, for one) is returned unchanged, as
 a deep copy, with a warning that names the error and the line of the model's code that raised.
@@ -29,7 +31,7 @@ import logging
 import os
 import traceback
 import warnings
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +46,9 @@ _FUSED_CLASSES = {nn.BatchNorm1d: BatchNormAct1d, nn.BatchNorm2d: BatchNormAct2d
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid"}
 _ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu",
                          torch.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid"}
-_TORCH_DIR = os.path.dirname(torch.__file__)
 _ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid",
                        "sigmoid_": "sigmoid"}
+_TORCH_DIR = os.path.dirname(torch.__file__)  # frames under it are not the model's code
 
 
 class FusedPair(NamedTuple):
@@ -72,9 +74,9 @@ def fuse_bn_act(model: nn.Module) -> nn.Module:
 
     Returns a ``torch.fx.GraphModule`` with the model's state_dict keys, train/eval modes,
     devices and dtypes. Its attribute ``fused_pairs`` lists what was fused, as ``FusedPair``
-    tuples in graph order; each pair is also logged at INFO level, each BatchNorm left alone at
-    DEBUG level with the reason. An untraceable model comes back as a deep copy with a warning
-    and ``fused_pairs == ()``.
+    tuples in the order of the BatchNorms' first calls; each pair is also logged at INFO level,
+    each BatchNorm left alone at DEBUG level with the reason. An untraceable model comes back as
+    a deep copy with a warning and ``fused_pairs == ()``.
     """
     root = copy.deepcopy(model)
     try:
@@ -96,12 +98,13 @@ def fuse_bn_act(model: nn.Module) -> nn.Module:
             continue
         activation = consumers[0][1]
         _replace_submodule(root, target, _fused_module(bn, activation))
-        for node, (consumer, _) in zip(calls, consumers):
-            fused_pairs.append(FusedPair(target, _consumer_name(consumer)))
+        for node, (consumer, _) in zip(calls, consumers, strict=True):
+            pair = FusedPair(target, _consumer_name(consumer))
             consumer.replace_all_uses_with(node)
             graph.erase_node(consumer)
-            logger.info("fuse_bn_act: fused %s + %s into %s(activation=%s)", target,
-                        _consumer_name(consumer), _FUSED_CLASSES[type(bn)].__name__, activation)
+            fused_pairs.append(pair)
+            logger.info("fuse_bn_act: fused %s + %s into %s(activation=%s)", *pair,
+                        _FUSED_CLASSES[type(bn)].__name__, activation)
     graph.lint()
     fused = _graph_module(root, graph)
     fused.fused_pairs = tuple(fused_pairs)
@@ -112,13 +115,13 @@ def fuse_bn_act(model: nn.Module) -> nn.Module:
 def _batchnorm_calls(root: nn.Module, graph: fx.Graph) -> dict[str, list[fx.Node]]:
     """Calls of plain BatchNorm1d/2d/3d modules, grouped by module path, in graph order."""
     calls: dict[str, list[fx.Node]] = {}
-    for node in graph.find_nodes(op="call_module"):
-        if type(root.get_submodule(node.target)) in _FUSED_CLASSES:
+    for node in graph.nodes:
+        if node.op == "call_module" and type(root.get_submodule(node.target)) in _FUSED_CLASSES:
             calls.setdefault(node.target, []).append(node)
     return calls
 
 
-def _fusable_consumer(root: nn.Module, node: fx.Node) -> Optional[tuple[fx.Node, str]]:
+def _fusable_consumer(root: nn.Module, node: fx.Node) -> tuple[fx.Node, str] | None:
     """(consumer, activation) if node's only consumer is a ReLU or sigmoid of node alone."""
     if len(node.users) != 1:
         return None
@@ -137,7 +140,7 @@ def _fusable_consumer(root: nn.Module, node: fx.Node) -> Optional[tuple[fx.Node,
     return (consumer, activation) if activation else None
 
 
-def _refusal(bn: nn.Module, consumers: list) -> Optional[str]:
+def _refusal(bn: nn.Module, consumers: list) -> str | None:
     """Why a BatchNorm with these per-call consumers cannot be fused, or None if it can."""
     if _has_hooks(bn):
         return "it has hooks"
@@ -199,7 +202,7 @@ def _graph_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     # Plain attributes the graph reads, such as tensor constants the tracer stored on root.
     for node in graph.find_nodes(op="get_attr"):
         head = node.target.split(".")[0]
-        if head not in module.__dict__ and head not in module._modules:
+        if not hasattr(module, head):
             setattr(module, head, getattr(root, head))
     return module
 

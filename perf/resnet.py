@@ -1,0 +1,193 @@
+"""Training-step throughput of torchvision's ResNet-50, with and without fuse_bn_act.
+
+Four variants at batch 128 and 32, each a fresh randomly initialised ResNet-50 (weights=None,
+the same seed for all) in channels_last, training under bfloat16 autocast with SGD + momentum
+on random 224x224 images:
+
+- eager: torchvision's model as is (nn.BatchNorm2d, then nn.ReLU);
+- converted: ``tritonbn.fuse_bn_act(model)``, which fuses bn1 and bn2 of every bottleneck and
+  the stem's BatchNorm with the ReLU after them (33 pairs); bn3 and the downsample BatchNorms
+  feed the residual sum and stay nn.BatchNorm2d;
+- compile, compile_converted: torch.compile of either model (default mode).
+
+A step is forward, cross-entropy, backward and optimizer step; its time is the wall time from
+one CUDA synchronisation to the next. After --warmup steps (the compiled variants compile in
+the first one), --steps timed steps give the median ms per step and images/s; peak memory is
+torch.cuda.max_memory_allocated over the timed steps. For eager and converted, one profiled step
+also gives the share of GPU kernel time spent in BatchNorm and ReLU kernels (BN_ACT_KERNELS;
+the ReLUs after the residual sums count too). Compiled code fuses BatchNorm into generated
+kernels that cannot be told apart, so the compiled variants have no share.
+
+Writes <out-dir>/resnet50_<gpu>.csv and prints a markdown table. Needs a CUDA GPU and
+torchvision; without either it says so and exits with status 0.
+
+    python perf/resnet.py                      # most of the time goes to four compiles
+    python perf/resnet.py --batch-sizes 128 --variants eager,converted
+"""
+import argparse
+import gc
+import re
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+import tritonbn
+
+VARIANTS = ("eager", "converted", "compile", "compile_converted")
+BATCH_SIZES = (128, 32)
+IMAGE_SIZE = 224
+NUM_CLASSES = 1000
+# Kernels of BatchNorm (cuDNN, PyTorch's native CUDA kernels, tritonbn's Triton kernels) and of
+# ReLU (a clamp forward, threshold backward), matched on the profiler's kernel names.
+BN_ACT_KERNELS = re.compile(r"batch_norm|batchnorm|bn_fw|bn_bw|cudnn::bn|clamp|threshold"
+                            r"|_partial_sums_kernel|_merge_stats_kernel|_normalize_kernel"
+                            r"|_grad_partial_kernel|_merge_grad_kernel|_dx_kernel")
+DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
+
+
+def build(variant: str, seed: int):
+    """(model, number of fused pairs) for variant, on the GPU in channels_last."""
+    from torchvision.models import resnet50
+
+    torch.manual_seed(seed)
+    model = resnet50(weights=None).cuda().to(memory_format=torch.channels_last)
+    fused = 0
+    if variant.endswith("converted"):
+        model = tritonbn.fuse_bn_act(model)
+        fused = len(model.fused_pairs)
+    if variant.startswith("compile"):
+        model = torch.compile(model)
+    return model, fused
+
+
+def make_step(model: nn.Module, batch_size: int):
+    """One training step on a fixed random batch, as a closure."""
+    images = torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, device="cuda")
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, NUM_CLASSES, (batch_size,), device="cuda")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def timed_ms(step, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def bn_act_share(step) -> float:
+    """Fraction of one step's GPU kernel time spent in BN_ACT_KERNELS."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        step()
+        torch.cuda.synchronize()
+    kernels = [event for event in profile.key_averages() if event.device_time_total > 0]
+    total = sum(event.device_time_total for event in kernels)
+    matched = sum(event.device_time_total for event in kernels if BN_ACT_KERNELS.search(event.key))
+    return matched / total
+
+
+def run(variant: str, batch_size: int, args) -> dict:
+    model, fused = build(variant, args.seed)
+    step = make_step(model, batch_size)
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - start
+    torch.cuda.reset_peak_memory_stats()
+    times = timed_ms(step, args.steps)
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    share = float("nan") if variant.startswith("compile") else bn_act_share(step)
+    ms = statistics.median(times)
+    del model, step
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return dict(batch_size=batch_size, variant=variant, images_per_s=batch_size / ms * 1e3,
+                ms_per_step=ms, ms_min=min(times), ms_max=max(times), peak_mem_gib=peak_gib,
+                bn_act_share=share, fused_pairs=fused, warmup_s=warmup_s, steps=args.steps)
+
+
+def markdown(df: pd.DataFrame) -> str:
+    lines = ["| batch | variant | images/s | ms/step | vs eager | peak GiB | BN+ReLU kernels |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for row in df.itertuples():
+        speedup = "" if pd.isna(row.speedup_vs_eager) else f"{row.speedup_vs_eager:.2f}x"
+        share = "" if pd.isna(row.bn_act_share) else f"{100 * row.bn_act_share:.1f}%"
+        lines.append(f"| {row.batch_size} | {row.variant} | {row.images_per_s:.0f} | "
+                     f"{row.ms_per_step:.1f} | {speedup} | {row.peak_mem_gib:.1f} | {share} |")
+    return "\n".join(lines)
+
+
+def csv_list(kind):
+    return lambda text: [kind(item) for item in text.split(",") if item]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", type=csv_list(int), default=list(BATCH_SIZES))
+    parser.add_argument("--variants", type=csv_list(str), default=list(VARIANTS))
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps, compile included")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    args = parser.parse_args(argv)
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    if not torch.cuda.is_available():
+        print("resnet.py needs a CUDA GPU; none is available, nothing to measure")
+        return 0
+    try:
+        import torchvision
+    except ImportError:
+        print("resnet.py needs torchvision (pip install torchvision); it is not installed")
+        return 0
+    from sweep import device_slug  # one naming rule for every results file
+
+    torch.backends.cudnn.benchmark = True
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}: ResNet-50 training step, bf16 autocast, channels_last; torch "
+          f"{torch.__version__}, torchvision {torchvision.__version__}")
+    rows = []
+    for batch_size in args.batch_sizes:
+        for variant in args.variants:
+            row = run(variant, batch_size, args)
+            print(f"batch {batch_size:>4} {variant:>17}: {row['ms_per_step']:7.1f} ms/step, "
+                  f"{row['images_per_s']:6.0f} images/s (warm-up {row['warmup_s']:.0f} s)",
+                  flush=True)
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    eager_ms = df[df.variant == "eager"].set_index("batch_size").ms_per_step
+    df["speedup_vs_eager"] = df.batch_size.map(eager_ms) / df.ms_per_step
+    df = df.assign(gpu=gpu, torch=torch.__version__, torchvision=torchvision.__version__,
+                   date=date.today().isoformat())
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out = args.out_dir / f"resnet50_{device_slug(gpu)}.csv"
+    df.to_csv(out, index=False)
+    print(markdown(df))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
