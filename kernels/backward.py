@@ -14,7 +14,19 @@ import triton.language as tl
 from .activations import activation_grad
 from .forward import accumulate_dtype, channel_affine, reciprocal_std, triton_dtype
 from .tiling import (channel_sum, load_tile, make_plan, merge_geometry, program_channels,
-                     program_rows, store_tile, strides_ncs)
+                     program_rows, store_tile, strides_ncs, sum_partials)
+
+
+@triton.jit
+def _load_x_dy(x_ptr, dy_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xs, stride_xc,
+               stride_dyn, stride_dys, stride_dyc, BLOCK_N: tl.constexpr,
+               BLOCK_S: tl.constexpr, INT64: tl.constexpr):
+    """(x, dy, mask) of the tile at (n0, s0)."""
+    x, mask = load_tile(x_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xs, stride_xc,
+                        BLOCK_N, BLOCK_S, INT64)
+    dy, _ = load_tile(dy_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_dyn, stride_dys, stride_dyc,
+                      BLOCK_N, BLOCK_S, INT64)
+    return x, dy, mask
 
 
 @triton.jit
@@ -45,16 +57,14 @@ def _grad_partial_kernel(
     # Masked lanes load dy = 0, so g = 0 there for every activation: no tl.where needed.
     for n0 in range(n_lo, n_hi, BLOCK_N + PAIR_N):
         for s0 in range(s_lo, s_hi, BLOCK_S + PAIR_S):
-            x, mask = load_tile(x_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xs,
-                                stride_xc, BLOCK_N, BLOCK_S, INT64)
-            dy, _ = load_tile(dy_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_dyn, stride_dys,
-                              stride_dyc, BLOCK_N, BLOCK_S, INT64)
+            x, dy, mask = _load_x_dy(x_ptr, dy_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn,
+                                     stride_xs, stride_xc, stride_dyn, stride_dys, stride_dyc,
+                                     BLOCK_N, BLOCK_S, INT64)
             if PAIR_N + PAIR_S > 0:
                 n1, s1 = n0 + PAIR_N, s0 + PAIR_S
-                x2, mask2 = load_tile(x_ptr, n1, s1, c, n_hi, s_hi, c_mask, stride_xn,
-                                      stride_xs, stride_xc, BLOCK_N, BLOCK_S, INT64)
-                dy2, _ = load_tile(dy_ptr, n1, s1, c, n_hi, s_hi, c_mask, stride_dyn,
-                                   stride_dys, stride_dyc, BLOCK_N, BLOCK_S, INT64)
+                x2, dy2, mask2 = _load_x_dy(x_ptr, dy_ptr, n1, s1, c, n_hi, s_hi, c_mask,
+                                            stride_xn, stride_xs, stride_xc, stride_dyn,
+                                            stride_dys, stride_dyc, BLOCK_N, BLOCK_S, INT64)
                 g2, x_mu2 = _grad_tile(x2, dy2, mean, scale, shift, ACC, ACTIVATION)
                 acc_g += g2
                 acc_gx += g2 * x_mu2
@@ -82,17 +92,9 @@ def _merge_grad_kernel(
     ACC: tl.constexpr, BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     c, c_mask = program_channels(C, BLOCK_C)
-    sum_g = tl.zeros((BLOCK_SPLIT, BLOCK_C), ACC)
-    sum_gx = tl.zeros((BLOCK_SPLIT, BLOCK_C), ACC)
-    for p0 in range(0, SPLITS, BLOCK_SPLIT):
-        p = p0 + tl.arange(0, BLOCK_SPLIT)
-        offs = p[:, None] * C + c[None, :]
-        mask = (p < SPLITS)[:, None] & c_mask[None, :]
-        sum_g += tl.load(partial_ptr + offs, mask=mask, other=0.0)
-        sum_gx += tl.load(partial_ptr + SPLITS * C + offs, mask=mask, other=0.0)
-    dbias = tl.sum(sum_g, axis=0)
+    dbias, sum_gx = sum_partials(partial_ptr, c, c_mask, C, SPLITS, ACC, BLOCK_SPLIT, BLOCK_C)
     var = tl.load(var_ptr + c, mask=c_mask, other=1.0).to(ACC)
-    dweight = tl.sum(sum_gx, axis=0) * reciprocal_std(var, eps)
+    dweight = sum_gx * reciprocal_std(var, eps)
     tl.store(sums_ptr + c, dbias, mask=c_mask)
     tl.store(sums_ptr + C + c, dweight, mask=c_mask)
     tl.store(dweight_ptr + c, dweight.to(dweight_ptr.dtype.element_ty), mask=c_mask)
@@ -126,16 +128,14 @@ def _dx_kernel(
     k = rstd * (tl.load(sums_ptr + C + c, mask=c_mask, other=0.0) / n)[None, None, :]
     for n0 in range(n_lo, n_hi, BLOCK_N + PAIR_N):
         for s0 in range(s_lo, s_hi, BLOCK_S + PAIR_S):
-            x, mask = load_tile(x_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xs,
-                                stride_xc, BLOCK_N, BLOCK_S, INT64)
-            dy, _ = load_tile(dy_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_dyn, stride_dys,
-                              stride_dyc, BLOCK_N, BLOCK_S, INT64)
+            x, dy, mask = _load_x_dy(x_ptr, dy_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn,
+                                     stride_xs, stride_xc, stride_dyn, stride_dys, stride_dyc,
+                                     BLOCK_N, BLOCK_S, INT64)
             if PAIR_N + PAIR_S > 0:
                 n1, s1 = n0 + PAIR_N, s0 + PAIR_S
-                x2, mask2 = load_tile(x_ptr, n1, s1, c, n_hi, s_hi, c_mask, stride_xn,
-                                      stride_xs, stride_xc, BLOCK_N, BLOCK_S, INT64)
-                dy2, _ = load_tile(dy_ptr, n1, s1, c, n_hi, s_hi, c_mask, stride_dyn,
-                                   stride_dys, stride_dyc, BLOCK_N, BLOCK_S, INT64)
+                x2, dy2, mask2 = _load_x_dy(x_ptr, dy_ptr, n1, s1, c, n_hi, s_hi, c_mask,
+                                            stride_xn, stride_xs, stride_xc, stride_dyn,
+                                            stride_dys, stride_dyc, BLOCK_N, BLOCK_S, INT64)
                 store_tile(dx_ptr, _dx_tile(x2, dy2, mean, scale, shift, mean_g, k, ACC,
                                             ACTIVATION),
                            mask2, n1, s1, c, stride_dxn, stride_dxs, stride_dxc, BLOCK_N,

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .activations import activation
 from .tiling import (channel_sum, load_tile, make_plan, merge_geometry, program_channels,
-                     program_rows, store_tile, strides_ncs)
+                     program_rows, store_tile, strides_ncs, sum_partials)
 
 
 @triton.jit
@@ -71,17 +71,10 @@ def _merge_stats_kernel(
     BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     c, c_mask = program_channels(C, BLOCK_C)
-    sum_d = tl.zeros((BLOCK_SPLIT, BLOCK_C), ACC)
-    sum_d2 = tl.zeros((BLOCK_SPLIT, BLOCK_C), ACC)
-    for p0 in range(0, SPLITS, BLOCK_SPLIT):
-        p = p0 + tl.arange(0, BLOCK_SPLIT)
-        offs = p[:, None] * C + c[None, :]
-        mask = (p < SPLITS)[:, None] & c_mask[None, :]
-        sum_d += tl.load(partial_ptr + offs, mask=mask, other=0.0)
-        sum_d2 += tl.load(partial_ptr + SPLITS * C + offs, mask=mask, other=0.0)
+    sum_d, sum_d2 = sum_partials(partial_ptr, c, c_mask, C, SPLITS, ACC, BLOCK_SPLIT, BLOCK_C)
     n = count.to(ACC)
-    mean_d = tl.sum(sum_d, axis=0) / n
-    var = tl.maximum(tl.sum(sum_d2, axis=0) / n - mean_d * mean_d, 0.0)
+    mean_d = sum_d / n
+    var = tl.maximum(sum_d2 / n - mean_d * mean_d, 0.0)
     mean = tl.load(partial_ptr + 2 * SPLITS * C + c, mask=c_mask, other=0.0) + mean_d
     tl.store(mean_ptr + c, mean, mask=c_mask)
     tl.store(var_ptr + c, var, mask=c_mask)

@@ -212,6 +212,21 @@ def store_tile(ptr, values, mask, n0, s0, c, stride_n, stride_s, stride_c,
 
 
 @triton.jit
+def sum_partials(partial_ptr, c, c_mask, C, SPLITS, ACC: tl.constexpr,
+                 BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel totals of the two [SPLITS, C] blocks of partials at partial_ptr."""
+    first = tl.zeros((BLOCK_SPLIT, BLOCK_C), ACC)
+    second = tl.zeros((BLOCK_SPLIT, BLOCK_C), ACC)
+    for p0 in range(0, SPLITS, BLOCK_SPLIT):
+        p = p0 + tl.arange(0, BLOCK_SPLIT)
+        offs = p[:, None] * C + c[None, :]
+        mask = (p < SPLITS)[:, None] & c_mask[None, :]
+        first += tl.load(partial_ptr + offs, mask=mask, other=0.0)
+        second += tl.load(partial_ptr + SPLITS * C + offs, mask=mask, other=0.0)
+    return tl.sum(first, axis=0), tl.sum(second, axis=0)
+
+
+@triton.jit
 def channel_sum(tile):
     """Sum of a [BLOCK_N, BLOCK_S, BLOCK_C] tile over its rows: a [BLOCK_C] vector."""
     return tl.sum(tl.sum(tile, axis=0), axis=0)
