@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# GPU tests, perf sweep and plots in one call, every log, CSV and PNG in one folder.
+# GPU tests, perf sweep, plots, kernel tuning table and the ResNet-50 benchmark, logs, CSVs and
+# PNGs in one folder. One step per call keeps each call inside a 10-minute limit:
 #
-#   perf/gpu_run.sh OUT_DIR          full sweep
-#   perf/gpu_run.sh OUT_DIR quick    sweep --quick
+#   perf/gpu_run.sh OUT_DIR tests     the whole test suite, natively on the GPU (~3 min)
+#   perf/gpu_run.sh OUT_DIR sweep     the full sweep and its plots (~7 min)
+#   perf/gpu_run.sh OUT_DIR quick     tests, then sweep --quick and its plots
+#   perf/gpu_run.sh OUT_DIR extras    perf/tune.py and perf/resnet.py
 #
-# OUT_DIR receives 7 files: install.log, tests.log (GPU and versions first), sweep.log,
-# <gpu>.csv, <gpu>-speedup.png, <gpu>-copy-bw.png, plot.log (the README table).
-# A test failure does not stop the sweep, whose rows record their own errors; the exit status
-# is non-zero if any step failed.
+# A test failure does not stop a later step; the exit status is non-zero if any step failed.
 set -uo pipefail
 
-usage="usage: perf/gpu_run.sh OUT_DIR [quick]"
+usage="usage: perf/gpu_run.sh OUT_DIR tests|sweep|quick|extras"
 out=${1:?$usage}
-preset=${2:-full}
-[[ $preset == full || $preset == quick ]] || { echo "$usage" >&2; exit 2; }
+step=${2:?$usage}
+[[ $step =~ ^(tests|sweep|quick|extras)$ ]] || { echo "$usage" >&2; exit 2; }
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1
@@ -31,25 +31,35 @@ if ! python -m pip install --no-deps --no-build-isolation -e . >"$out/install.lo
 fi
 python -c "import tritonbn.kernels" 2>&1 | tee -a "$out/install.log" || exit 1
 
-{
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    python -c "import numpy, torch, triton; print('torch', torch.__version__, 'triton',
-                triton.__version__, 'numpy', numpy.__version__)"
-    python -m pytest -x -q tests
-} 2>&1 | tee "$out/tests.log"
-tests_rc=${PIPESTATUS[0]}
+status=0
+if [[ $step == tests || $step == quick ]]; then
+    {
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+        python -c "import numpy, torch, triton; print('torch', torch.__version__, 'triton',
+                    triton.__version__, 'numpy', numpy.__version__)"
+        python -m pytest -q -rf tests
+    } 2>&1 | tee "$out/tests.log"
+    (( PIPESTATUS[0] == 0 )) || status=1
+fi
 
-sweep_args=(--out "$out")
-[[ $preset == quick ]] && sweep_args+=(--quick)
-python perf/sweep.py "${sweep_args[@]}" 2>&1 | tee "$out/sweep.log"
-sweep_rc=${PIPESTATUS[0]}
+if [[ $step == sweep || $step == quick ]]; then
+    sweep_args=(--out "$out")
+    [[ $step == quick ]] && sweep_args+=(--quick)
+    python perf/sweep.py "${sweep_args[@]}" 2>&1 | tee "$out/sweep.log"
+    (( PIPESTATUS[0] == 0 )) || status=1
+    for csv in "$out"/*.csv; do
+        [[ -e $csv ]] || break
+        python perf/plot.py "$csv" 2>&1 | tee "$out/plot.log"
+        (( PIPESTATUS[0] == 0 )) || status=1
+    done
+fi
 
-plot_rc=1
-for csv in "$out"/*.csv; do
-    [[ -e $csv ]] || break
-    python perf/plot.py "$csv" 2>&1 | tee "$out/plot.log"
-    plot_rc=${PIPESTATUS[0]}
-done
+if [[ $step == extras ]]; then
+    python perf/tune.py 2>&1 | tee "$out/tune.log"
+    (( PIPESTATUS[0] == 0 )) || status=1
+    python perf/resnet.py --out-dir "$out" 2>&1 | tee "$out/resnet.log"
+    (( PIPESTATUS[0] == 0 )) || status=1
+fi
 
-echo "exit status: tests $tests_rc, sweep $sweep_rc, plot $plot_rc"
-(( tests_rc == 0 && sweep_rc == 0 && plot_rc == 0 ))
+echo "exit status: $status"
+exit $status
