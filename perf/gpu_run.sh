@@ -5,7 +5,7 @@
 #   perf/gpu_run.sh OUT_DIR tests     the whole test suite, natively on the GPU (~3 min)
 #   perf/gpu_run.sh OUT_DIR sweep     the full sweep and its plots (~7 min)
 #   perf/gpu_run.sh OUT_DIR quick     tests, then sweep --quick and its plots
-#   perf/gpu_run.sh OUT_DIR extras    perf/tune.py and perf/resnet.py
+#   perf/gpu_run.sh OUT_DIR extras    perf/tune.py, perf/resnet.py and perf/convergence.py
 #
 # A test failure does not stop a later step; the exit status is non-zero if any step failed.
 set -uo pipefail
@@ -58,6 +58,8 @@ if [[ $step == extras ]]; then
     python perf/tune.py 2>&1 | tee "$out/tune.log"
     (( PIPESTATUS[0] == 0 )) || status=1
     python perf/resnet.py --out-dir "$out" 2>&1 | tee "$out/resnet.log"
+    (( PIPESTATUS[0] == 0 )) || status=1
+    python perf/convergence.py --device cuda --out-dir "$out" 2>&1 | tee "$out/convergence.log"
     (( PIPESTATUS[0] == 0 )) || status=1
 fi
 
