@@ -99,7 +99,8 @@ def make_plan(t: torch.Tensor, *others_ncs) -> Plan:
     flat = all(_flat_rows((n, c, s), v) for v in all_ncs)
     channels_contiguous = ncs[1] == 1 and c > 1
     if t.device.type == "cuda":
-        sms = _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+        index = t.device.index
+        sms = _sm_count(index if index is not None else torch.cuda.current_device())
     else:
         sms = INTERPRETER_SMS
     return _plan(n * s if flat else n, 1 if flat else s, c, flat, channels_contiguous,

@@ -28,6 +28,22 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / do_bench(lambda: dst.copy_(src)) / 1e6
 
 
+def time_launchers(x):
+    """(name, median ms, GB/s on its own passes) for each launcher on input x."""
+    C = x.shape[1]
+    dy = torch.randn_like(x)
+    w, b = torch.ones(C, device="cuda"), torch.zeros(C, device="cuda")
+    rm, rv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
+    mean, var = kernels.batch_stats(x, rm, rv, 0.1)
+    runs = (("stats", lambda: kernels.batch_stats(x, rm, rv, 0.1), 1),
+            ("normalize", lambda: kernels.normalize_act(x, mean, var, w, b, 1e-5, 1), 2),
+            ("backward", lambda: kernels.normalize_act_backward(dy, x, mean, var, w, b, 1e-5,
+                                                                True, 1), 5))
+    for name, fn, passes in runs:
+        ms = do_bench(fn)
+        yield name, ms, passes * x.numel() * x.element_size() / ms / 1e6
+
+
 def main():
     copy_gbps = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {copy_gbps:.0f} GB/s")
@@ -35,20 +51,8 @@ def main():
         tiling.TILE_BYTES, tiling.NUM_WARPS, tiling.PROGRAMS_PER_SM = tile, warps, per_sm
         tiling._plan.cache_clear()
         x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
-        dy = torch.randn_like(x)
-        C = shape[1]
-        w, b = torch.ones(C, device="cuda"), torch.zeros(C, device="cuda")
-        rm, rv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
-        mean, var = kernels.batch_stats(x, rm, rv, 0.1)
-        runs = {"stats": (lambda: kernels.batch_stats(x, rm, rv, 0.1), 1),
-                "normalize": (lambda: kernels.normalize_act(x, mean, var, w, b, 1e-5, 1), 2),
-                "backward": (lambda: kernels.normalize_act_backward(dy, x, mean, var, w, b, 1e-5,
-                                                                    True, 1), 5)}
-        cells = []
-        for name, (fn, passes) in runs.items():
-            ms = do_bench(fn)
-            gbps = passes * x.numel() * x.element_size() / ms / 1e6
-            cells.append(f"{name} {ms:.3f} ms {100 * gbps / copy_gbps:3.0f}%")
+        cells = [f"{name} {ms:.3f} ms {100 * gbps / copy_gbps:3.0f}%"
+                 for name, ms, gbps in time_launchers(x)]
         plan = tiling.make_plan(x)
         print(f"{str(shape):20s} {str(dtype)[6:]:9s} tile={tile:5d} warps={warps:2d} "
               f"per_sm={per_sm:2d} blocks=({plan.block_n},{plan.block_s},{plan.block_c}) "

@@ -56,7 +56,7 @@ def test_compile_fullgraph_matches_eager():
     # same capture (fullgraph, fake tensors, autograd) without minutes of C++ compilation.
     compiled = torch.compile(compiled_model, fullgraph=True,
                              backend="inductor" if ON_GPU else "aot_eager")
-    for step in range(2):
+    for _ in range(2):
         x = make_input((2, 3, 6, 6), layout="channels_last", requires_grad=True)
         y_eager, y_compiled = eager(x), compiled(x)
         torch.testing.assert_close(y_compiled, y_eager, atol=1e-5, rtol=1e-5)
