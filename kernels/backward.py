@@ -155,7 +155,7 @@ def normalize_act_backward(dy, x, mean, var, weight, bias, eps: float, training:
     """
     dx = torch.empty_like(x)
     x_ncs, dy_ncs, dx_ncs = strides_ncs(x), strides_ncs(dy), strides_ncs(dx)
-    plan = make_plan(x, dy_ncs, dx_ncs)
+    plan = make_plan(x, x_ncs, dy_ncs, dx_ncs)
     C = x.shape[1]
     acc = accumulate_dtype(x.dtype)
     dweight = torch.empty(C, device=x.device, dtype=acc if weight is None else weight.dtype)

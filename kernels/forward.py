@@ -166,7 +166,7 @@ def batch_stats(x, running_mean, running_var, momentum: float):
     place when they are given (unbiased variance, PyTorch's momentum convention).
     """
     x_ncs = strides_ncs(x)
-    plan = make_plan(x)
+    plan = make_plan(x, x_ncs)
     C = x.shape[1]
     acc = accumulate_dtype(x.dtype)
     partial = torch.empty((2 * plan.splits + 1, C), device=x.device, dtype=acc)
@@ -188,7 +188,7 @@ def normalize_act(x, mean, var, weight, bias, eps: float, activation_code: int):
     """y = act((x - mean) / sqrt(var + eps) * weight + bias), in x's dtype and layout."""
     y = torch.empty_like(x)
     x_ncs, y_ncs = strides_ncs(x), strides_ncs(y)
-    plan = make_plan(x, y_ncs)
+    plan = make_plan(x, x_ncs, y_ncs)
     _normalize_kernel[plan.grid](
         x, y, mean, var, weight if weight is not None else mean,
         bias if bias is not None else mean, plan.n, x.shape[1], plan.s,

@@ -64,10 +64,8 @@ class Plan:
     num_warps: int
     pair_n: int  # offset of each iteration's second tile: one of pair_n, pair_s is 0
     pair_s: int
+    grid: tuple  # (channel blocks, splits)
 
-    @property
-    def grid(self):
-        return (triton.cdiv(self.channels, self.block_c), self.splits)
 
     def strides(self, ncs):
         """Per-tensor (stride_n, stride_c, stride_s) in this plan's view."""
@@ -90,9 +88,9 @@ def _flat_rows(shape, ncs) -> bool:
     return n == 1 or s == 1 or stride_n == s * stride_s
 
 
-def make_plan(t: torch.Tensor, *others_ncs) -> Plan:
-    """The plan for non-empty t (and tensors of its shape whose strides are others_ncs)."""
-    ncs = strides_ncs(t)
+def make_plan(t: torch.Tensor, ncs, *others_ncs) -> Plan:
+    """The plan for non-empty t, whose strides_ncs() is ncs (and for tensors of its shape whose
+    strides are others_ncs). Cached on the sizes that matter: this runs on every call."""
     n, c = t.shape[0], t.shape[1]
     s = t.numel() // (n * c)
     all_ncs = (ncs,) + others_ncs
@@ -146,9 +144,11 @@ def _plan(rows_outer, rows_inner, channels, flat, channels_contiguous, element_s
     chunk_n = triton.cdiv(chunk_n, block_n + pair_n) * (block_n + pair_n)
     chunk_s = triton.cdiv(chunk_s, block_s + pair_s) * (block_s + pair_s)
     split_n, split_s = triton.cdiv(n, chunk_n), triton.cdiv(s, chunk_s)
-    return Plan(n, s, channels, block_n, block_s, block_c, chunk_n, chunk_s, split_s,
-                split_n * split_s, int64, NUM_WARPS, pair_n, pair_s)
+    splits = split_n * split_s
+    return Plan(n, s, channels, block_n, block_s, block_c, chunk_n, chunk_s, split_s, splits,
+                int64, NUM_WARPS, pair_n, pair_s, (triton.cdiv(channels, block_c), splits))
 
+@functools.lru_cache(maxsize=4096)
 def merge_geometry(channels: int, splits: int) -> dict:
     """Grid and tiles for the kernels that add up [splits, channels] partials per channel.
 

@@ -5,7 +5,7 @@
 #   perf/gpu_run.sh OUT_DIR tests     the whole test suite, natively on the GPU (~3 min)
 #   perf/gpu_run.sh OUT_DIR sweep     the full sweep and its plots (~7 min)
 #   perf/gpu_run.sh OUT_DIR quick     tests, then sweep --quick and its plots
-#   perf/gpu_run.sh OUT_DIR extras    perf/tune.py, perf/resnet.py and perf/convergence.py
+#   perf/gpu_run.sh OUT_DIR extras    perf/tune.py, resnet.py, convergence.py, host_overhead.py
 #
 # A test failure does not stop a later step; the exit status is non-zero if any step failed.
 set -uo pipefail
@@ -60,6 +60,8 @@ if [[ $step == extras ]]; then
     python perf/resnet.py --out-dir "$out" 2>&1 | tee "$out/resnet.log"
     (( PIPESTATUS[0] == 0 )) || status=1
     python perf/convergence.py --device cuda --out-dir "$out" 2>&1 | tee "$out/convergence.log"
+    (( PIPESTATUS[0] == 0 )) || status=1
+    python perf/host_overhead.py 2>&1 | tee "$out/host.log"
     (( PIPESTATUS[0] == 0 )) || status=1
 fi
 

@@ -53,7 +53,7 @@ def main():
         x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
         cells = [f"{name} {ms:.3f} ms {100 * gbps / copy_gbps:3.0f}%"
                  for name, ms, gbps in time_launchers(x)]
-        plan = tiling.make_plan(x)
+        plan = tiling.make_plan(x, tiling.strides_ncs(x))
         print(f"{str(shape):20s} {str(dtype)[6:]:9s} tile={tile:5d} warps={warps:2d} "
               f"per_sm={per_sm:2d} blocks=({plan.block_n},{plan.block_s},{plan.block_c}) "
               f"splits={plan.splits:4d} | " + " | ".join(cells), flush=True)
