@@ -7,7 +7,9 @@
   and differentiable; its backward is ``normalize_act_backward``.
 
 The mutation lives in an op of its own because torch.library registers autograd only for
-functional ops. CUDA tensors run the Triton kernels. CPU tensors run the same kernels through
+functional ops. torch.compile traces these ops; eager calls take the run_* functions and
+EagerNormalizeAct below, the same launchers without the dispatcher's per-call cost. CUDA
+tensors run the Triton kernels. CPU tensors run the same kernels through
 Triton's interpreter when TRITON_INTERPRET=1 was set before triton was imported, and the
 PyTorch reference otherwise. Tensors whose spatial dims do not collapse into one stride
 (``tiling.strides_ncs``) are copied to contiguous first; every layout PyTorch names collapses.
