@@ -66,7 +66,6 @@ class Plan:
     pair_s: int
     grid: tuple  # (channel blocks, splits)
 
-
     def strides(self, ncs):
         """Per-tensor (stride_n, stride_c, stride_s) in this plan's view."""
         stride_n, stride_c, stride_s = ncs
@@ -147,6 +146,7 @@ def _plan(rows_outer, rows_inner, channels, flat, channels_contiguous, element_s
     splits = split_n * split_s
     return Plan(n, s, channels, block_n, block_s, block_c, chunk_n, chunk_s, split_s, splits,
                 int64, NUM_WARPS, pair_n, pair_s, (triton.cdiv(channels, block_c), splits))
+
 
 @functools.lru_cache(maxsize=4096)
 def merge_geometry(channels: int, splits: int) -> dict:
