@@ -2,7 +2,9 @@
 
 Small shapes are bound by host time: Python, torch's dispatch and autograd, Triton's launcher.
 This prints microseconds per call (a burst of calls, no sync in between) for the training
-forward, the training forward+backward and the eval forward, then a cProfile of forward+backward.
+forward, the training forward+backward and the eval forward; then each launcher called directly (no autograd, no
+module) and the backward alone through autograd, which runs on autograd's device thread for
+CUDA tensors; then a cProfile of forward+backward (the calling thread only).
 
     python perf/host_overhead.py                 # on a GPU: real launches
     python perf/host_overhead.py --stub-launches # any machine: kernels replaced by no-ops, so
@@ -24,7 +26,9 @@ if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"  # route CPU tensors to the launchers
 
 import tritonbn  # noqa: E402
+from tritonbn import kernels  # noqa: E402
 from tritonbn.kernels import backward, forward  # noqa: E402
+from tritonbn.kernels.activations import ACTIVATIONS  # noqa: E402
 
 
 class _NoLaunch:
@@ -66,6 +70,28 @@ def host_times(module, bn, x, dy, calls: int):
     return fwd, fwd_bwd, evaluation
 
 
+def launcher_times(module, x, dy, calls: int):
+    """us per call of each launcher on its own, and of the backward alone through autograd."""
+    module.train()
+    mean, var = kernels.batch_stats(x.detach(), None, None, 0.1)
+    weight, bias = module.weight, module.bias
+    relu = ACTIVATIONS["relu"]
+    y = module(x)
+    return {
+        "batch_stats": microseconds_per_call(
+            lambda: kernels.batch_stats(x.detach(), module.running_mean, module.running_var,
+                                        0.1), calls),
+        "normalize_act": microseconds_per_call(
+            lambda: kernels.normalize_act(x.detach(), mean, var, weight, bias, 1e-5, relu),
+            calls),
+        "normalize_act_backward": microseconds_per_call(
+            lambda: kernels.normalize_act_backward(dy, x.detach(), mean, var, weight, bias,
+                                                   1e-5, True, relu), calls),
+        "autograd backward alone": microseconds_per_call(
+            lambda: torch.autograd.grad(y, (x, weight, bias), dy, retain_graph=True), calls),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stub-launches", action="store_true")
@@ -92,6 +118,8 @@ def main():
         fwd, fwd_bwd, evaluation = host_times(module, bn, x, dy, args.calls)
         print(f"{name:9s} train_fwd {fwd:7.1f}  train_fwdbwd {fwd_bwd:7.1f}  "
               f"eval_fwd {evaluation:7.1f}")
+    for name, us in launcher_times(ours, x, dy, args.calls).items():
+        print(f"  {name:24s} {us:7.1f}")
     ours.train()
     profile = cProfile.Profile()
     profile.enable()
