@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .activations import activation_grad
+from .launch import CachedLaunch
 from .forward import accumulate_dtype, channel_affine, reciprocal_std, triton_dtype
 from .tiling import (channel_sum, load_tile, make_plan, merge_geometry, program_channels,
                      program_rows, store_tile, strides_ncs, sum_partials)
@@ -36,6 +37,7 @@ def _grad_tile(x, dy, mean, scale, shift, ACC: tl.constexpr, ACTIVATION: tl.cons
     return activation_grad(x_mu * scale + shift, dy.to(ACC), x.dtype, ACTIVATION), x_mu
 
 
+@CachedLaunch
 @triton.jit
 def _grad_partial_kernel(
     x_ptr, dy_ptr, dx_ptr,  # [N, C, S] each with its own strides; dx written if WRITE_DX
@@ -82,6 +84,7 @@ def _grad_partial_kernel(
     tl.store(out + SPLITS * C, channel_sum(acc_gx), mask=c_mask)
 
 
+@CachedLaunch
 @triton.jit
 def _merge_grad_kernel(
     partial_ptr,  # [2, SPLITS, C] from _grad_partial_kernel
@@ -107,6 +110,7 @@ def _dx_tile(x, dy, mean, scale, shift, mean_g, k, ACC: tl.constexpr, ACTIVATION
     return scale * (g - mean_g - x_mu * k)
 
 
+@CachedLaunch
 @triton.jit
 def _dx_kernel(
     x_ptr, dy_ptr, dx_ptr,  # [N, C, S] each with its own strides

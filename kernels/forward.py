@@ -19,10 +19,12 @@ import triton
 import triton.language as tl
 
 from .activations import activation
+from .launch import CachedLaunch
 from .tiling import (channel_sum, load_tile, make_plan, merge_geometry, program_channels,
                      program_rows, store_tile, strides_ncs, sum_partials)
 
 
+@CachedLaunch
 @triton.jit
 def _partial_sums_kernel(
     x_ptr,  # [N, C, S] input, any strides
@@ -61,6 +63,7 @@ def _partial_sums_kernel(
     tl.store(out + SPLITS * C, channel_sum(acc_d2), mask=c_mask)
 
 
+@CachedLaunch
 @triton.jit
 def _merge_stats_kernel(
     partial_ptr,  # [2 * SPLITS + 1, C] sums and shift from _partial_sums_kernel
@@ -121,6 +124,7 @@ def _normalize_tile(x, mean, scale, shift, ACC: tl.constexpr, ACTIVATION: tl.con
     return activation((x.to(ACC) - mean) * scale + shift, x.dtype, ACTIVATION)
 
 
+@CachedLaunch
 @triton.jit
 def _normalize_kernel(
     x_ptr, y_ptr,  # [N, C, S] input and output, each with its own strides

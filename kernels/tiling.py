@@ -15,6 +15,7 @@ reductions keep per-lane accumulators, whose registers cap how many programs an 
 so a second tile in flight per iteration is the cheap way to keep more bytes in flight.
 """
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,13 +38,24 @@ INTERPRETER_SMS = 1
 def strides_ncs(t: torch.Tensor):
     """(stride_n, stride_c, stride_s) viewing t as (N, C, S), or None if its spatial dims
     do not collapse into one evenly strided axis."""
-    spatial = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:]) if size != 1]
+    shape, strides = t.shape, t.stride()
+    try:
+        return _collapse_cached(shape, strides)
+    except TypeError:  # symbolic sizes (fake tensors under torch.compile) do not hash
+        return _collapse(shape, strides)
+
+
+def _collapse(shape, strides):
+    spatial = [(size, stride) for size, stride in zip(shape[2:], strides[2:]) if size != 1]
     for (_, outer), (size, inner) in zip(spatial, spatial[1:]):
         if outer != inner * size:
             return None
     # With no spatial extent, rows are the batch: flattened rows then always step by stride_s.
-    stride_s = spatial[-1][1] if spatial else t.stride(0)
-    return t.stride(0), t.stride(1), stride_s
+    stride_s = spatial[-1][1] if spatial else strides[0]
+    return strides[0], strides[1], stride_s
+
+
+_collapse_cached = functools.lru_cache(maxsize=4096)(_collapse)
 
 
 @dataclass(frozen=True)
@@ -81,34 +93,22 @@ class Plan:
                     num_warps=self.num_warps)
 
 
-def _flat_rows(shape, ncs) -> bool:
-    n, s = shape[0], shape[2]
+def make_plan(t: torch.Tensor, ncs, *others_ncs) -> Plan:
+    """The plan for non-empty t, whose strides_ncs() is ncs (and for tensors of its shape whose
+    strides are others_ncs). Cached: this runs on every launch."""
+    device = t.device
+    sms = _sm_count(device.index) if device.type == "cuda" else INTERPRETER_SMS
+    return _plan(t.shape, (ncs,) + others_ncs, t.element_size(), sms)
+
+
+def _flat_rows(n, s, ncs) -> bool:
     stride_n, _, stride_s = ncs
     return n == 1 or s == 1 or stride_n == s * stride_s
 
 
-def make_plan(t: torch.Tensor, ncs, *others_ncs) -> Plan:
-    """The plan for non-empty t, whose strides_ncs() is ncs (and for tensors of its shape whose
-    strides are others_ncs). Cached on the sizes that matter: this runs on every call."""
-    n, c = t.shape[0], t.shape[1]
-    s = t.numel() // (n * c)
-    all_ncs = (ncs,) + others_ncs
-    flat = all(_flat_rows((n, c, s), v) for v in all_ncs)
-    channels_contiguous = ncs[1] == 1 and c > 1
-    if t.device.type == "cuda":
-        index = t.device.index
-        sms = _sm_count(index if index is not None else torch.cuda.current_device())
-    else:
-        sms = INTERPRETER_SMS
-    return _plan(n * s if flat else n, 1 if flat else s, c, flat, channels_contiguous,
-                 t.element_size(), sms, _reach(t, all_ncs) >= INT32_LIMIT)
-
-
-def _reach(t, all_ncs) -> int:
+def _reach(n, c, s, all_ncs) -> int:
     """The largest element offset any tensor of this view can address."""
-    n, c = t.shape[0], t.shape[1]
-    s = t.numel() // (n * c)
-    return max(max(st_n * (n - 1) + st_c * (c - 1) + st_s * (s - 1), t.numel())
+    return max(max(st_n * (n - 1) + st_c * (c - 1) + st_s * (s - 1), n * c * s)
                for st_n, st_c, st_s in all_ncs)
 
 
@@ -118,9 +118,13 @@ def _sm_count(index: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(rows_outer, rows_inner, channels, flat, channels_contiguous, element_size, sms, int64):
-    # Flattened rows put everything on the inner axis: rows_outer is 1, rows_inner N * S.
-    n, s = (1, rows_outer) if flat else (rows_outer, rows_inner)
+def _plan(shape, all_ncs, element_size, sms):
+    n, channels = shape[0], shape[1]
+    s = math.prod(shape[2:])
+    channels_contiguous = all_ncs[0][1] == 1 and channels > 1
+    int64 = _reach(n, channels, s, all_ncs) >= INT32_LIMIT
+    if all(_flat_rows(n, s, ncs) for ncs in all_ncs):  # everything on the inner axis
+        n, s = 1, n * s
     tile = TILE_BYTES // element_size
     if channels_contiguous:
         # Up to 512 contiguous bytes per tile row.

@@ -2,17 +2,21 @@
 # GPU tests, perf sweep, plots, kernel tuning table and the ResNet-50 benchmark, logs, CSVs and
 # PNGs in one folder. One step per call keeps each call inside a 10-minute limit:
 #
-#   perf/gpu_run.sh OUT_DIR tests     the whole test suite, natively on the GPU (~3 min)
-#   perf/gpu_run.sh OUT_DIR sweep     the full sweep and its plots (~7 min)
-#   perf/gpu_run.sh OUT_DIR quick     tests, then sweep --quick and its plots
-#   perf/gpu_run.sh OUT_DIR extras    perf/tune.py, resnet.py, convergence.py, host_overhead.py
+#   perf/gpu_run.sh OUT_DIR tests            the whole test suite, natively on the GPU (~3 min
+#                                            with pytest-xdist, ~5 without)
+#   perf/gpu_run.sh OUT_DIR sweep [ARGS...]  perf/sweep.py ARGS and its plots (the full sweep
+#                                            takes about 15 s per case, 96 cases)
+#   perf/gpu_run.sh OUT_DIR quick            tests, then sweep --quick and its plots
+#   perf/gpu_run.sh OUT_DIR extras           perf/tune.py, resnet.py, convergence.py,
+#                                            host_overhead.py
 #
 # A test failure does not stop a later step; the exit status is non-zero if any step failed.
 set -uo pipefail
 
-usage="usage: perf/gpu_run.sh OUT_DIR tests|sweep|quick|extras"
+usage="usage: perf/gpu_run.sh OUT_DIR tests|sweep|quick|extras [SWEEP_ARGS...]"
 out=${1:?$usage}
 step=${2:?$usage}
+shift 2
 [[ $step =~ ^(tests|sweep|quick|extras)$ ]] || { echo "$usage" >&2; exit 2; }
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 cd "$(dirname "$0")/.." || exit 2
@@ -37,13 +41,16 @@ if [[ $step == tests || $step == quick ]]; then
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
         python -c "import numpy, torch, triton; print('torch', torch.__version__, 'triton',
                     triton.__version__, 'numpy', numpy.__version__)"
-        python -m pytest -q -rf tests
+        # Tests are independent: with pytest-xdist, several share the GPU.
+        workers=()
+        python -c "import xdist" 2>/dev/null && workers=(-n 4)
+        python -m pytest -q -rf --durations=10 "${workers[@]}" tests
     } 2>&1 | tee "$out/tests.log"
     (( PIPESTATUS[0] == 0 )) || status=1
 fi
 
 if [[ $step == sweep || $step == quick ]]; then
-    sweep_args=(--out "$out")
+    sweep_args=(--out "$out" "$@")
     [[ $step == quick ]] && sweep_args+=(--quick)
     python perf/sweep.py "${sweep_args[@]}" 2>&1 | tee "$out/sweep.log"
     (( PIPESTATUS[0] == 0 )) || status=1

@@ -127,6 +127,14 @@ def run(variant: str, batch_size: int, args) -> dict:
                 bn_act_share=share, fused_pairs=fused, warmup_s=warmup_s, steps=args.steps)
 
 
+def results_table(rows: list, gpu: str, torchvision_version: str) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    eager_ms = df[df.variant == "eager"].set_index("batch_size").ms_per_step
+    df["speedup_vs_eager"] = df.batch_size.map(eager_ms) / df.ms_per_step
+    return df.assign(gpu=gpu, torch=torch.__version__, torchvision=torchvision_version,
+                     date=date.today().isoformat())
+
+
 def markdown(df: pd.DataFrame) -> str:
     lines = ["| batch | variant | images/s | ms/step | vs eager | peak GiB | BN+ReLU kernels |",
              "|---:|---|---:|---:|---:|---:|---:|"]
@@ -168,6 +176,8 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}: ResNet-50 training step, bf16 autocast, channels_last; torch "
           f"{torch.__version__}, torchvision {torchvision.__version__}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out = args.out_dir / f"resnet50_{device_slug(gpu)}.csv"
     rows = []
     for batch_size in args.batch_sizes:
         for variant in args.variants:
@@ -176,14 +186,8 @@ def main(argv=None) -> int:
                   f"{row['images_per_s']:6.0f} images/s (warm-up {row['warmup_s']:.0f} s)",
                   flush=True)
             rows.append(row)
-    df = pd.DataFrame(rows)
-    eager_ms = df[df.variant == "eager"].set_index("batch_size").ms_per_step
-    df["speedup_vs_eager"] = df.batch_size.map(eager_ms) / df.ms_per_step
-    df = df.assign(gpu=gpu, torch=torch.__version__, torchvision=torchvision.__version__,
-                   date=date.today().isoformat())
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    out = args.out_dir / f"resnet50_{device_slug(gpu)}.csv"
-    df.to_csv(out, index=False)
+            df = results_table(rows, gpu, torchvision.__version__)
+            df.to_csv(out, index=False)  # after every row: a cut-short run keeps what it had
     print(markdown(df))
     print(f"wrote {out}")
     return 0

@@ -95,7 +95,7 @@ def test_triton_kernels_run_under_the_interpreter(monkeypatch):
         monkeypatch.setattr(reference, name, forbidden)
         monkeypatch.setattr(kernels, name, counted(getattr(kernels, name)))
     assert ops.INTERPRETING and ops.runs_triton(torch.empty(1))
-    assert isinstance(kernels.forward._normalize_kernel, interpreter.InterpretedFunction)
+    assert isinstance(kernels.forward._normalize_kernel.jit_fn, interpreter.InterpretedFunction)
     m = tritonbn.BatchNormAct2d(3)
     x = make_input((2, 3, 4, 4), requires_grad=True)
     m(x).sum().backward()

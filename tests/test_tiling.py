@@ -10,7 +10,9 @@ from conftest import float64_bn_act, make_input, make_params, max_err
 
 @pytest.fixture
 def small_tiles(monkeypatch):
+    """Tiny tiles, and a one-SM device so that each program walks several of them."""
     monkeypatch.setattr(tiling, "TILE_BYTES", 64)
+    monkeypatch.setattr(tiling, "_sm_count", lambda index: 1)
     tiling._plan.cache_clear()
     yield
     tiling._plan.cache_clear()

@@ -23,21 +23,24 @@ class _BatchNormActMixin:
 
     def forward(self, input: Tensor) -> Tensor:
         # nn.BatchNorm's forward, with every check moved ahead of the num_batches_tracked update.
+        # Parameters and buffers are read once: each read goes through nn.Module.__getattr__.
         self._check_input_dim(input)
         code = activation_code(self.activation)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        tracked = not self.training or self.track_running_stats
-        running_mean = self.running_mean if tracked else None
-        running_var = self.running_var if tracked else None
-        check_inputs(input, running_mean, running_var, self.weight, self.bias, bn_training)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if (self.training and self.track_running_stats and self.num_batches_tracked is not None
-                and input.numel() > 0):
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
-        return forward_checked(input, running_mean, running_var, self.weight, self.bias,
-                               bn_training, factor, self.eps, code)
+        training, momentum, track = self.training, self.momentum, self.track_running_stats
+        running_mean, running_var = self.running_mean, self.running_var
+        weight, bias = self.weight, self.bias
+        bn_training = training or (running_mean is None and running_var is None)
+        if training and not track:
+            running_mean = running_var = None
+        check_inputs(input, running_mean, running_var, weight, bias, bn_training)
+        factor = 0.0 if momentum is None else momentum
+        tracked = self.num_batches_tracked
+        if training and track and tracked is not None and input.numel() > 0:
+            tracked.add_(1)
+            if momentum is None:  # cumulative moving average
+                factor = 1.0 / float(tracked)
+        return forward_checked(input, running_mean, running_var, weight, bias, bn_training,
+                               factor, self.eps, code)
 
 
 class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):

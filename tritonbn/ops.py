@@ -29,7 +29,7 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def runs_triton(x: Tensor) -> bool:
-    return x.device.type == "cuda" or (x.device.type == "cpu" and INTERPRETING)
+    return x.is_cuda or (INTERPRETING and x.device.type == "cpu")
 
 
 def _backend(x: Tensor):
