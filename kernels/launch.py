@@ -7,10 +7,11 @@ small tensors, and six launches make a training step. ``@CachedLaunch`` wraps a
 Triton (compiling if needed) and later calls hand the compiled kernel straight to its
 launcher, as torch.compile's own Triton launchers do.
 
-The specialisation key mirrors what Triton specialises on: each tensor's dtype and 16-byte
-alignment, each int's width, divisibility by 16 and equality to 1, the constexpr and
-compile-option keywords, and the current device. Floats are not specialised. Under the
-interpreter every call goes through Triton unchanged.
+The cache key covers everything Triton specialises on (each tensor's dtype and 16-byte
+alignment, each int's width, divisibility by 16 and equality to 1), the constexpr and
+compile-option keywords, and the current device. Ints enter by value, which is finer than
+needed and cheaper to compute; floats (eps, momentum) are not specialised, so they never
+miss the cache. Under the interpreter every call goes through Triton unchanged.
 """
 import os
 
@@ -19,15 +20,14 @@ from triton import knobs
 from triton.runtime import driver
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_INT32_MIN, _INT32_MAX = -2**31, 2**31 - 1
 
 
-def _specialisation(arg):
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if type(arg) is int:
-        return arg == 1, arg % 16 == 0, _INT32_MIN <= arg <= _INT32_MAX
-    return type(arg)
+def specialisation_key(args) -> tuple:
+    """A key that changes whenever Triton's specialisation of args would: tensors by dtype and
+    16-byte alignment, ints by value (finer than Triton's width, divisibility by 16 and
+    equality to 1), anything else (floats) by type alone."""
+    return tuple((arg.dtype, arg.data_ptr() % 16 == 0) if isinstance(arg, torch.Tensor)
+                 else arg if type(arg) is int else type(arg) for arg in args)
 
 
 class CachedLaunch:
@@ -45,7 +45,7 @@ class CachedLaunch:
             self.jit_fn[grid](*args, **kwargs)
             return
         device = driver.active.get_current_device()
-        key = (device, tuple(map(_specialisation, args)), tuple(kwargs.items()))
+        key = (device, specialisation_key(args), tuple(kwargs.items()))
         entry = self._compiled.get(key)
         if entry is None:
             kernel = self.jit_fn[grid](*args, **kwargs)
