@@ -109,6 +109,8 @@ def main(argv=None) -> None:
     parser.add_argument("csv", type=Path)
     parser.add_argument("--modes", default="train_fwdbwd",
                         help="comma-separated modes for the markdown table")
+    parser.add_argument("--query", help="pandas query selecting the table's rows, e.g. "
+                                        "\"dtype == 'bf16' and layout != 'contiguous'\"")
     args = parser.parse_args(argv)
     df = pd.read_csv(args.csv)
     stem = args.csv.with_suffix("")
@@ -118,7 +120,7 @@ def main(argv=None) -> None:
         print(f"wrote {path}")
     if df.interpreter.any():
         print("INTERPRETER NUMBERS: these rows ran through Triton's interpreter on the CPU")
-    print(summary_table(df, args.modes.split(",")))
+    print(summary_table(df.query(args.query) if args.query else df, args.modes.split(",")))
 
 
 if __name__ == "__main__":
