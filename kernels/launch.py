@@ -30,6 +30,12 @@ def specialisation_key(args) -> tuple:
                  else arg if type(arg) is int else type(arg) for arg in args)
 
 
+def _active(hook):
+    """The launch hook to hand to the launcher, or None. Triton keeps an empty HookChain rather
+    than None when no profiler is attached; passing None spares two calls per launch."""
+    return None if hook is None or getattr(hook, "calls", None) == [] else hook
+
+
 class CachedLaunch:
     """``kernel[grid](*args, **constexprs_and_options)``, as for the wrapped JIT function."""
 
@@ -60,6 +66,9 @@ class CachedLaunch:
         all_args = args + tail
         grid_1 = grid[1] if len(grid) > 1 else 1
         grid_2 = grid[2] if len(grid) > 2 else 1
+        enter_hook = _active(knobs.runtime.launch_enter_hook)
+        exit_hook = _active(knobs.runtime.launch_exit_hook)
+        metadata = (None if enter_hook is None and exit_hook is None
+                    else kernel.launch_metadata(grid, stream, *all_args))
         kernel.run(grid[0], grid_1, grid_2, stream, kernel.function, kernel.packed_metadata,
-                   kernel.launch_metadata(grid, stream, *all_args),
-                   knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *all_args)
+                   metadata, enter_hook, exit_hook, *all_args)
