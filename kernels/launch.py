@@ -11,7 +11,10 @@ The cache key covers everything Triton specialises on (each tensor's dtype and 1
 alignment, each int's width, divisibility by 16 and equality to 1), the constexpr and
 compile-option keywords, and the current device. Ints enter by value, which is finer than
 needed and cheaper to compute; floats (eps, momentum) are not specialised, so they never
-miss the cache. Under the interpreter every call goes through Triton unchanged.
+miss the cache. Under the interpreter, and on backends other than NVIDIA's, every call goes
+through Triton unchanged. The direct path skips what Triton checks per call beyond
+specialisation (pre-run hooks, changed globals, the debug knob), and takes keyword arguments
+to be constexprs or launch options and the grid to be a tuple.
 """
 import os
 
@@ -19,7 +22,13 @@ import torch
 from triton import knobs
 from triton.runtime import driver
 
+# Triton decides at import time whether its kernels are interpreted; so do we.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The key below follows the NVIDIA backend's specialisation; others specialise on more (AMD:
+# whether a tensor's storage is under 2 GB), so they keep Triton's own launch path.
+LAUNCH_DIRECTLY = not INTERPRETING and torch.version.hip is None
+# Ints enter the key by value, so each input shape adds entries: start over past this many.
+MAX_CACHED = 4096
 
 
 def specialisation_key(args) -> tuple:
@@ -47,7 +56,7 @@ class CachedLaunch:
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
     def launch(self, grid, args, kwargs):
-        if INTERPRETING:
+        if not LAUNCH_DIRECTLY:
             self.jit_fn[grid](*args, **kwargs)
             return
         device = driver.active.get_current_device()
@@ -58,8 +67,12 @@ class CachedLaunch:
             if hasattr(kernel, "result"):  # compiled asynchronously
                 kernel = kernel.result()
             # The compiled kernel takes every parameter in order, constexprs included.
-            tail = tuple(kwargs[name] for name in self.jit_fn.arg_names[len(args):])
-            self._compiled[key] = (kernel, tail)
+            tail_params = self.jit_fn.params[len(args):]
+            assert all(param.is_constexpr for param in tail_params), \
+                "pass tensors and runtime scalars positionally: keywords are cached as constexprs"
+            if len(self._compiled) >= MAX_CACHED:
+                self._compiled.clear()
+            self._compiled[key] = (kernel, tuple(kwargs[param.name] for param in tail_params))
             return
         kernel, tail = entry
         stream = driver.active.get_current_stream(device)

@@ -2,9 +2,10 @@
 
 Small shapes are bound by host time: Python, torch's dispatch and autograd, Triton's launcher.
 This prints microseconds per call (a burst of calls, no sync in between) for the training
-forward, the training forward+backward and the eval forward; then each launcher called directly (no autograd, no
-module) and the backward alone through autograd, which runs on autograd's device thread for
-CUDA tensors; then a cProfile of forward+backward (the calling thread only).
+forward, the training forward+backward and the eval forward; then each launcher called
+directly (no autograd, no module) and the backward alone through autograd, which runs on
+autograd's device thread for CUDA tensors; then a cProfile of forward+backward (the calling
+thread only).
 
     python perf/host_overhead.py                 # on a GPU: real launches
     python perf/host_overhead.py --stub-launches # any machine: kernels replaced by no-ops, so
@@ -28,7 +29,6 @@ if not ON_GPU:
 import tritonbn  # noqa: E402
 from tritonbn import kernels  # noqa: E402
 from tritonbn.kernels import backward, forward  # noqa: E402
-from tritonbn.kernels.activations import ACTIVATIONS  # noqa: E402
 
 
 class _NoLaunch:
@@ -75,7 +75,7 @@ def launcher_times(module, x, dy, calls: int):
     module.train()
     mean, var = kernels.batch_stats(x.detach(), None, None, 0.1)
     weight, bias = module.weight, module.bias
-    relu = ACTIVATIONS["relu"]
+    relu = kernels.ACTIVATIONS["relu"]
     y = module(x)
     return {
         "batch_stats": microseconds_per_call(

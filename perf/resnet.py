@@ -162,6 +162,8 @@ def main(argv=None) -> int:
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    if not args.variants or not args.batch_sizes:
+        parser.error("name at least one variant and one batch size")
     if not torch.cuda.is_available():
         print("resnet.py needs a CUDA GPU; none is available, nothing to measure")
         return 0

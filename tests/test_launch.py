@@ -37,7 +37,8 @@ class _CompiledKernel:
 
 class _JitFunction:
     """Compiles on the first call of each kind; Triton's path launches that call itself."""
-    arg_names = ["x_ptr", "n", "eps", "BLOCK", "ACC"]
+    params = [SimpleNamespace(name=name, is_constexpr=name.isupper())
+              for name in ("x_ptr", "n", "eps", "BLOCK", "ACC")]
 
     def __init__(self):
         self.compiled = []
@@ -50,7 +51,7 @@ class _JitFunction:
 
 
 def test_cached_launch_hands_the_launcher_every_argument(monkeypatch):
-    monkeypatch.setattr(launch, "INTERPRETING", False)
+    monkeypatch.setattr(launch, "LAUNCH_DIRECTLY", True)
     stand_in = SimpleNamespace(get_current_device=lambda: 0,
                                get_current_stream=lambda device: 1234)
     monkeypatch.setattr(launch, "driver", SimpleNamespace(active=stand_in))

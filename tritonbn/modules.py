@@ -1,7 +1,8 @@
 """BatchNormAct1d/2d/3d: nn.BatchNorm1d/2d/3d followed by an activation, as one fused op.
 
 They subclass the PyTorch modules, so state_dict keys, train/eval, num_batches_tracked,
-momentum=None, track_running_stats=False and affine=False behave as there.
+momentum=None, track_running_stats=False and affine=False behave as there, with one deliberate
+difference: an empty batch leaves num_batches_tracked as it was (PyTorch counts it).
 """
 from torch import Tensor, nn
 

@@ -14,7 +14,6 @@ Triton's interpreter when TRITON_INTERPRET=1 was set before triton was imported,
 PyTorch reference otherwise. Tensors whose spatial dims do not collapse into one stride
 (``tiling.strides_ncs``) are copied to contiguous first; every layout PyTorch names collapses.
 """
-import os
 from typing import Optional
 
 import torch
@@ -22,10 +21,8 @@ from torch import Tensor
 
 from . import kernels, reference
 from .kernels.forward import accumulate_dtype
+from .kernels.launch import INTERPRETING
 from .kernels.tiling import strides_ncs
-
-# Triton decides at import time whether its kernels are interpreted; so do we.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def runs_triton(x: Tensor) -> bool:
