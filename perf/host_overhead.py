@@ -10,6 +10,8 @@ thread only).
     python perf/host_overhead.py                 # on a GPU: real launches
     python perf/host_overhead.py --stub-launches # any machine: kernels replaced by no-ops, so
                                                  # only the Python above the launches is timed
+    python perf/host_overhead.py --compiled      # also under torch.compile (fullgraph, static
+                                                 # shapes): the registered ops' dispatch cost
 
 Without a GPU the tensors are CPU tensors routed to the Triton launchers (TRITON_INTERPRET=1),
 and the launches are always stubbed: the interpreter's own time would swamp the host's.
@@ -98,6 +100,8 @@ def main():
     parser.add_argument("--calls", type=int, default=200,
                         help="per burst; on a GPU keep it under the launch queue's depth")
     parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time torch.compile of each module")
     args = parser.parse_args()
     stubbed = args.stub_launches or not ON_GPU
     if stubbed:
@@ -114,9 +118,13 @@ def main():
     providers = {"tritonbn": (ours, ours)}
     if not stubbed:  # eager's kernels cannot be stubbed: compare only with real launches
         providers["eager"] = (eager, eager[0])
+    if args.compiled:
+        for name, (module, bn) in list(providers.items()):
+            compiled = torch.compile(module, fullgraph=True, dynamic=False)
+            providers["compile" if name == "eager" else f"{name}_compile"] = (compiled, bn)
     for name, (module, bn) in providers.items():
         fwd, fwd_bwd, evaluation = host_times(module, bn, x, dy, args.calls)
-        print(f"{name:9s} train_fwd {fwd:7.1f}  train_fwdbwd {fwd_bwd:7.1f}  "
+        print(f"{name:16s} train_fwd {fwd:7.1f}  train_fwdbwd {fwd_bwd:7.1f}  "
               f"eval_fwd {evaluation:7.1f}")
     for name, us in launcher_times(ours, x, dy, args.calls).items():
         print(f"  {name:24s} {us:7.1f}")
