@@ -49,13 +49,13 @@ class ConvNet(nn.Module):
         return self.layers(x)
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_compile_fullgraph_matches_eager(backend):
+    """aot_eager checks the capture (fullgraph, fake tensors, autograd); Inductor also lays out
+    and reinplaces the graph around our ops (C++ code for the rest of it on the CPU)."""
     eager = ConvNet().to(DEVICE).to(memory_format=torch.channels_last)
     compiled_model = copy.deepcopy(eager)
-    # On a GPU Inductor compiles the graph around our ops; on the CPU, aot_eager checks the
-    # same capture (fullgraph, fake tensors, autograd) without minutes of C++ compilation.
-    compiled = torch.compile(compiled_model, fullgraph=True,
-                             backend="inductor" if ON_GPU else "aot_eager")
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
     for _ in range(2):
         x = make_input((2, 3, 6, 6), layout="channels_last", requires_grad=True)
         y_eager, y_compiled = eager(x), compiled(x)
