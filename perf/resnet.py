@@ -8,7 +8,10 @@ on random 224x224 images:
 - converted: ``tritonbn.fuse_bn_act(model)``, which fuses bn1 and bn2 of every bottleneck and
   the stem's BatchNorm with the ReLU after them (33 pairs); bn3 and the downsample BatchNorms
   feed the residual sum and stay nn.BatchNorm2d;
-- compile, compile_converted: torch.compile of either model (default mode).
+- compile, compile_converted: torch.compile of either model (default mode);
+- on request only, cudagraphs and cudagraphs_converted: torch.compile(mode="reduce-overhead"),
+  which replays each step's kernels from CUDA graphs, so the per-layer host time of the
+  Python layers around the kernels is paid at capture only.
 
 A step is forward, cross-entropy, backward and optimizer step; its time is the wall time from
 one CUDA synchronisation to the next. After --warmup steps (the compiled variants compile in
@@ -40,6 +43,7 @@ from torch import nn
 import tritonbn
 
 VARIANTS = ("eager", "converted", "compile", "compile_converted")
+CUDA_GRAPH_VARIANTS = ("cudagraphs", "cudagraphs_converted")  # by --variants only
 BATCH_SIZES = (128, 32)
 IMAGE_SIZE = 224
 NUM_CLASSES = 1000
@@ -63,6 +67,8 @@ def build(variant: str, seed: int):
         fused = len(model.fused_pairs)
     if variant.startswith("compile"):
         model = torch.compile(model)
+    elif variant.startswith("cudagraphs"):
+        model = torch.compile(model, mode="reduce-overhead")
     return model, fused
 
 
@@ -74,6 +80,7 @@ def make_step(model: nn.Module, batch_size: int):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # for CUDA-graph trees; else no effect
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = nn.functional.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -116,7 +123,8 @@ def run(variant: str, batch_size: int, args) -> dict:
     torch.cuda.reset_peak_memory_stats()
     times = timed_ms(step, args.steps)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
-    share = float("nan") if variant.startswith("compile") else bn_act_share(step)
+    compiled = variant.startswith(("compile", "cudagraphs"))
+    share = float("nan") if compiled else bn_act_share(step)
     ms = statistics.median(times)
     del model, step
     gc.collect()
@@ -159,9 +167,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
-    unknown = set(args.variants) - set(VARIANTS)
+    unknown = set(args.variants) - set(VARIANTS + CUDA_GRAPH_VARIANTS)
     if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+        parser.error(f"unknown variants {sorted(unknown)}; choose from "
+                     f"{', '.join(VARIANTS + CUDA_GRAPH_VARIANTS)}")
     if not args.variants or not args.batch_sizes:
         parser.error("name at least one variant and one batch size")
     if not torch.cuda.is_available():
