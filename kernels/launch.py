@@ -64,6 +64,8 @@ class CachedLaunch:
         entry = self._compiled.get(key)
         if entry is None:
             kernel = self.jit_fn[grid](*args, **kwargs)
+            if kernel is None:  # nothing compiled to remember
+                return
             if hasattr(kernel, "result"):  # compiled asynchronously
                 kernel = kernel.result()
             # The compiled kernel takes every parameter in order, constexprs included.
