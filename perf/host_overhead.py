@@ -12,6 +12,9 @@ thread only).
                                                  # only the Python above the launches is timed
     python perf/host_overhead.py --compiled      # also under torch.compile (fullgraph, static
                                                  # shapes): the registered ops' dispatch cost
+    python perf/host_overhead.py --stack         # also a training step of 33 Conv-BN-ReLU
+                                                 # blocks, eager and fuse_bn_act-converted: the
+                                                 # cost of a pair inside a model
 
 Without a GPU the tensors are CPU tensors routed to the Triton launchers (TRITON_INTERPRET=1),
 and the launches are always stubbed: the interpreter's own time would swamp the host's.
@@ -72,6 +75,52 @@ def host_times(module, bn, x, dy, calls: int):
     return fwd, fwd_bwd, evaluation
 
 
+STACK_PAIRS = 33  # as many as fuse_bn_act finds in ResNet-50
+
+
+def tiny_input(device, dtype, channels: int = 64) -> torch.Tensor:
+    x = torch.randn(2, channels, 4, 4, device=device, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def stack_step_ms(device, dtype, steps: int) -> tuple[float, float]:
+    """ms per SGD training step of STACK_PAIRS x (1x1 Conv, BatchNorm2d, ReLU) on a tiny input,
+    as built and after fuse_bn_act: host time, the GPU's share being a few us per kernel."""
+    x = tiny_input(device, dtype)
+    channels = x.shape[1]
+    times = []
+    for convert in (False, True):
+        torch.manual_seed(0)
+        blocks = []
+        for _ in range(STACK_PAIRS):
+            blocks += [torch.nn.Conv2d(channels, channels, 1, bias=False),
+                       torch.nn.BatchNorm2d(channels), torch.nn.ReLU(inplace=True)]
+        model = torch.nn.Sequential(*blocks).to(device=device, dtype=dtype,
+                                                 memory_format=torch.channels_last)
+        if convert:
+            model = tritonbn.fuse_bn_act(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step():
+            loss = model(x).float().sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        times.append(microseconds_per_call(step, steps) / 1e3)
+    return times[0], times[1]
+
+
+def isolated_pair_us(device, dtype, calls: int) -> tuple[float, float]:
+    """us per forward+backward of one BatchNorm2d + ReLU and of one BatchNormAct2d, alone, on
+    the stack's tiny input: the per-pair cost without a model around it."""
+    x = tiny_input(device, dtype).requires_grad_()
+    dy = torch.randn_like(x)
+    eager = torch.nn.Sequential(torch.nn.BatchNorm2d(64), torch.nn.ReLU()).to(device)
+    ours = tritonbn.BatchNormAct2d(64, device=device)
+    return tuple(host_times(module, bn, x, dy, calls)[1]
+                 for module, bn in ((eager, eager[0]), (ours, ours)))
+
+
 def launcher_times(module, x, dy, calls: int):
     """us per call of each launcher on its own, and of the backward alone through autograd."""
     module.train()
@@ -102,6 +151,8 @@ def main():
     parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument("--compiled", action="store_true",
                         help="also time torch.compile of each module")
+    parser.add_argument("--stack", action="store_true",
+                        help="also time a training step of a Conv-BN-ReLU stack")
     args = parser.parse_args()
     stubbed = args.stub_launches or not ON_GPU
     if stubbed:
@@ -128,6 +179,16 @@ def main():
               f"eval_fwd {evaluation:7.1f}")
     for name, us in launcher_times(ours, x, dy, args.calls).items():
         print(f"  {name:24s} {us:7.1f}")
+    if args.stack:
+        if stubbed:  # the stubs leave garbage in y and dx: keep denormals from slowing convs
+            torch.set_flush_denormal(True)
+        as_built, converted = stack_step_ms(device, dtype, steps=20)
+        eager_pair, our_pair = isolated_pair_us(device, dtype, args.calls)
+        print(f"{STACK_PAIRS} x (Conv, BatchNorm2d, ReLU), 2x64x4x4, SGD step: as built "
+              f"{as_built:.2f} ms, converted {converted:.2f} ms, "
+              f"{(converted - as_built) / STACK_PAIRS * 1e3:+.0f} us per fused pair; alone, "
+              f"fwd+bwd of one pair {eager_pair:.0f} us eager, {our_pair:.0f} us tritonbn "
+              f"({our_pair - eager_pair:+.0f} us)")
     ours.train()
     profile = cProfile.Profile()
     profile.enable()
