@@ -63,12 +63,18 @@ def microseconds_per_call(fn, calls: int) -> float:
     return elapsed / calls * 1e6
 
 
+def fwd_bwd_us(module, bn, x, dy, calls: int) -> float:
+    """us per call of the training forward+backward, to the input and bn's parameters."""
+    module.train()
+    return microseconds_per_call(
+        lambda: torch.autograd.grad(module(x), (x, bn.weight, bn.bias), dy), calls)
+
+
 def host_times(module, bn, x, dy, calls: int):
     """us per call of the training forward, training forward+backward and eval forward."""
     module.train()
     fwd = microseconds_per_call(lambda: module(x), calls)
-    fwd_bwd = microseconds_per_call(
-        lambda: torch.autograd.grad(module(x), (x, bn.weight, bn.bias), dy), calls)
+    fwd_bwd = fwd_bwd_us(module, bn, x, dy, calls)
     module.eval()
     with torch.no_grad():
         evaluation = microseconds_per_call(lambda: module(x), calls)
@@ -115,10 +121,10 @@ def isolated_pair_us(device, dtype, calls: int) -> tuple[float, float]:
     the stack's tiny input: the per-pair cost without a model around it."""
     x = tiny_input(device, dtype).requires_grad_()
     dy = torch.randn_like(x)
-    eager = torch.nn.Sequential(torch.nn.BatchNorm2d(64), torch.nn.ReLU()).to(device)
-    ours = tritonbn.BatchNormAct2d(64, device=device)
-    return tuple(host_times(module, bn, x, dy, calls)[1]
-                 for module, bn in ((eager, eager[0]), (ours, ours)))
+    channels = x.shape[1]
+    eager = torch.nn.Sequential(torch.nn.BatchNorm2d(channels), torch.nn.ReLU()).to(device)
+    ours = tritonbn.BatchNormAct2d(channels, device=device)
+    return (fwd_bwd_us(eager, eager[0], x, dy, calls), fwd_bwd_us(ours, ours, x, dy, calls))
 
 
 def launcher_times(module, x, dy, calls: int):
