@@ -1,11 +1,11 @@
 """Backward kernels, derived by hand (see DESIGN.md): g = dy * act'(z), z recomputed from x.
 
-Training takes five passes over memory: a split reduction reads x and dy for sum(g) and
-sum(g * (x - mean)) per channel, a tiny kernel merges the partials into dweight and dbias, and
-a dx pass reads x and dy again and writes dx. The pre-activation z is never stored: recomputing
+Training takes two launches and five passes over memory: a split reduction reads x and dy for
+sum(g) and sum(g * (x - mean)) per channel, its last programs merge the partials into dweight
+and dbias (merge.py), and a dx pass reads x and dy again and writes dx. The pre-activation z is never stored: recomputing
 it costs a few FMAs per element, storing it a whole extra write and read.
 With frozen statistics (eval) dx = g * weight * rstd needs no reduction, so the reduction pass
-writes dx itself: three passes.
+writes dx itself: one launch, three passes.
 """
 import torch
 import triton
@@ -13,9 +13,10 @@ import triton.language as tl
 
 from .activations import activation_grad
 from .launch import CachedLaunch
-from .forward import accumulate_dtype, channel_affine, reciprocal_std, triton_dtype
-from .tiling import (channel_sum, load_tile, make_plan, merge_geometry, program_channels,
-                     program_rows, store_tile, strides_ncs, sum_partials)
+from .forward import accumulate_dtype, channel_affine, triton_dtype
+from .merge import counters, merge_partials
+from .tiling import (channel_sum, load_tile, make_plan, program_channels, program_rows,
+                     store_tile, strides_ncs)
 
 
 @triton.jit
@@ -39,16 +40,19 @@ def _grad_tile(x, dy, mean, scale, shift, ACC: tl.constexpr, ACTIVATION: tl.cons
 
 @CachedLaunch
 @triton.jit
-def _grad_partial_kernel(
+def _grad_reduce_kernel(
     x_ptr, dy_ptr, dx_ptr,  # [N, C, S] each with its own strides; dx written if WRITE_DX
     mean_ptr, var_ptr, weight_ptr, bias_ptr,  # [C]
-    partial_ptr,  # [2, SPLITS, C] out: sums of g and g * (x - mean) per program
+    partial_ptr,  # [2, plan.scratch_rows, C] scratch of merge_partials; row SPLITS of each
+                  # half ends up holding the totals sum(g), sum(g * xhat)
+    counter_ptr,  # [plan.counters] int32, zero (merge.counters)
+    dweight_ptr, dbias_ptr,  # [C] out in the parameters' dtype
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
-    stride_dxn, stride_dxc, stride_dxs, CHUNK_N, CHUNK_S, SPLIT_S, eps, SPLITS,
+    stride_dxn, stride_dxc, stride_dxs, CHUNK_N, CHUNK_S, SPLIT_S, eps, SPLITS, GROUP,
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, WRITE_DX: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr, PAIR_S: tl.constexpr,
-    INT64: tl.constexpr,
+    INT64: tl.constexpr, BLOCK_ROWS: tl.constexpr,
 ):
     c, c_mask = program_channels(C, BLOCK_C)
     n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
@@ -79,29 +83,18 @@ def _grad_partial_kernel(
             if WRITE_DX:
                 store_tile(dx_ptr, g * scale, mask, n0, s0, c, stride_dxn, stride_dxs,
                            stride_dxc, BLOCK_N, BLOCK_S, INT64)
-    out = partial_ptr + tl.program_id(1) * C + c
-    tl.store(out, channel_sum(acc_g), mask=c_mask)
-    tl.store(out + SPLITS * C, channel_sum(acc_gx), mask=c_mask)
-
-
-@CachedLaunch
-@triton.jit
-def _merge_grad_kernel(
-    partial_ptr,  # [2, SPLITS, C] from _grad_partial_kernel
-    var_ptr,  # [C] the statistics' variance, any float dtype
-    sums_ptr,  # [2, C] out, ACC dtype: sum(g), sum(g * xhat)
-    dweight_ptr, dbias_ptr,  # [C] out in the parameters' dtype
-    C, SPLITS, eps,
-    ACC: tl.constexpr, BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    c, c_mask = program_channels(C, BLOCK_C)
-    dbias, sum_gx = sum_partials(partial_ptr, c, c_mask, C, SPLITS, ACC, BLOCK_SPLIT, BLOCK_C)
-    var = tl.load(var_ptr + c, mask=c_mask, other=1.0).to(ACC)
-    dweight = sum_gx * reciprocal_std(var, eps)
-    tl.store(sums_ptr + c, dbias, mask=c_mask)
-    tl.store(sums_ptr + C + c, dweight, mask=c_mask)
-    tl.store(dweight_ptr + c, dweight.to(dweight_ptr.dtype.element_ty), mask=c_mask)
-    tl.store(dbias_ptr + c, dbias.to(dbias_ptr.dtype.element_ty), mask=c_mask)
+    counters = counter_ptr + tl.program_id(0) * (tl.cdiv(SPLITS, GROUP) + 1)
+    done, dbias, sum_gx = merge_partials(partial_ptr, counters, channel_sum(acc_g),
+                                         channel_sum(acc_gx), c, c_mask, C, SPLITS, GROUP, ACC,
+                                         BLOCK_ROWS, BLOCK_C)
+    if done:
+        dweight = sum_gx * tl.reshape(rstd, (BLOCK_C,))
+        tl.store(dweight_ptr + c, dweight.to(dweight_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(dbias_ptr + c, dbias.to(dbias_ptr.dtype.element_ty), mask=c_mask)
+        if not WRITE_DX:  # for _dx_kernel, over the group rows that were just read
+            totals = partial_ptr + SPLITS * C + c
+            tl.store(totals, dbias, mask=c_mask)
+            tl.store(totals + (SPLITS + tl.cdiv(SPLITS, GROUP)) * C, dweight, mask=c_mask)
 
 
 @triton.jit
@@ -115,9 +108,10 @@ def _dx_tile(x, dy, mean, scale, shift, mean_g, k, ACC: tl.constexpr, ACTIVATION
 def _dx_kernel(
     x_ptr, dy_ptr, dx_ptr,  # [N, C, S] each with its own strides
     mean_ptr, var_ptr, weight_ptr, bias_ptr,  # [C]
-    sums_ptr,  # [2, C] from _merge_grad_kernel
+    partial_ptr,  # [2, SCRATCH_ROWS, C]: sum(g), sum(g * xhat) in row SPLITS of each half
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
-    stride_dxn, stride_dxc, stride_dxs, CHUNK_N, CHUNK_S, SPLIT_S, eps, count,
+    stride_dxn, stride_dxc, stride_dxs, CHUNK_N, CHUNK_S, SPLIT_S, eps, count, SPLITS,
+    SCRATCH_ROWS,
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr, PAIR_S: tl.constexpr, INT64: tl.constexpr,
@@ -128,8 +122,9 @@ def _dx_kernel(
                                               eps, ACC, HAS_WEIGHT, HAS_BIAS)
     n = count.to(ACC)
     # dx = scale * (g - sum(g) / n - xhat * sum(g * xhat) / n), with xhat = (x - mean) * rstd
-    mean_g = (tl.load(sums_ptr + c, mask=c_mask, other=0.0) / n)[None, None, :]
-    k = rstd * (tl.load(sums_ptr + C + c, mask=c_mask, other=0.0) / n)[None, None, :]
+    totals = partial_ptr + SPLITS * C + c
+    mean_g = (tl.load(totals, mask=c_mask, other=0.0) / n)[None, None, :]
+    k = rstd * (tl.load(totals + SCRATCH_ROWS * C, mask=c_mask, other=0.0) / n)[None, None, :]
     for n0 in range(n_lo, n_hi, BLOCK_N + PAIR_N):
         for s0 in range(s_lo, s_hi, BLOCK_S + PAIR_S):
             x, dy, mask = _load_x_dy(x_ptr, dy_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn,
@@ -153,9 +148,10 @@ def normalize_act_backward(dy, x, mean, var, weight, bias, eps: float, training:
                            activation_code: int):
     """(dx, dweight, dbias) of y = normalize_act(x, mean, var, weight, bias, eps, activation).
 
-    training: mean/var are x's batch statistics, so dx includes their dependence on x; else
-    they are frozen (running) statistics. x and dy are non-empty with collapsing spatial dims.
-    dweight/dbias come in the parameters' dtype, or the accumulate dtype for a None parameter.
+    training: mean/var are x's batch statistics, so dx includes their dependence on x (two
+    launches); else they are frozen (running) statistics (one launch). x and dy are non-empty
+    with collapsing spatial dims. dweight/dbias come in the parameters' dtype, or the
+    accumulate dtype for a None parameter.
     """
     dx = torch.empty_like(x)
     x_ncs, dy_ncs, dx_ncs = strides_ncs(x), strides_ncs(dy), strides_ncs(dx)
@@ -164,20 +160,18 @@ def normalize_act_backward(dy, x, mean, var, weight, bias, eps: float, training:
     acc = accumulate_dtype(x.dtype)
     dweight = torch.empty(C, device=x.device, dtype=acc if weight is None else weight.dtype)
     dbias = torch.empty(C, device=x.device, dtype=acc if bias is None else bias.dtype)
-    partial = torch.empty((2, plan.splits, C), device=x.device, dtype=acc)
-    sums = torch.empty((2, C), device=x.device, dtype=acc)
+    partial = torch.empty((2, plan.scratch_rows, C), device=x.device, dtype=acc)
     params = (mean, var, weight if weight is not None else mean,
               bias if bias is not None else mean)
     rows_and_strides = ((plan.n, C, plan.s) + plan.strides(x_ncs) + plan.strides(dy_ncs)
                         + plan.strides(dx_ncs) + (plan.chunk_n, plan.chunk_s, plan.split_s, eps))
     flags = dict(ACC=triton_dtype(x.dtype), ACTIVATION=activation_code,
-                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None)
-    _grad_partial_kernel[plan.grid](x, dy, dx, *params, partial, *rows_and_strides, plan.splits,
-                                    WRITE_DX=not training, **flags, **plan.tiles)
-    merge = merge_geometry(C, plan.splits)
-    _merge_grad_kernel[merge["grid"]](partial, var, sums, dweight, dbias, C, plan.splits, eps,
-                                      ACC=flags["ACC"], **merge["tiles"])
+                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **plan.tiles)
+    _grad_reduce_kernel[plan.grid](
+        x, dy, dx, *params, partial, counters(x.device, plan.counters), dweight, dbias,
+        *rows_and_strides, plan.splits, plan.group, WRITE_DX=not training,
+        BLOCK_ROWS=plan.block_rows, **flags)
     if training:
-        _dx_kernel[plan.grid](x, dy, dx, *params, sums, *rows_and_strides, x.numel() // C,
-                              **flags, **plan.tiles)
+        _dx_kernel[plan.grid](x, dy, dx, *params, partial, *rows_and_strides, x.numel() // C,
+                              plan.splits, plan.scratch_rows, **flags)
     return dx, dweight, dbias

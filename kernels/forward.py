@@ -1,8 +1,8 @@
 """Forward kernels: batch statistics, then normalize + affine + activation.
 
-Training takes three launches and three passes over memory (read x for the statistics, read x
-again and write y): a split reduction writes per-program partial sums, a tiny kernel merges
-them into mean/var and updates the running statistics, and an elementwise pass writes y.
+Training takes two launches and three passes over memory (read x for the statistics, read x
+again and write y): a split reduction whose last programs merge the partial sums into
+mean/var and update the running statistics (merge.py), then an elementwise pass that writes y.
 The split lets every shape fill the GPU (a few channels with a huge N*H*W, or many channels
 with a small one) at the price of the second read of x, which comes from L2 when x fits there.
 Eval is the elementwise pass alone, on the running statistics: one read, one write. Each
@@ -20,29 +20,31 @@ import triton.language as tl
 
 from .activations import activation
 from .launch import CachedLaunch
-from .tiling import (channel_sum, load_tile, make_plan, merge_geometry, program_channels,
-                     program_rows, store_tile, strides_ncs, sum_partials)
+from .merge import arrive, counters, merge_partials
+from .tiling import (channel_sum, load_tile, make_plan, program_channels, program_rows,
+                     store_tile, strides_ncs)
 
 
 @CachedLaunch
 @triton.jit
-def _partial_sums_kernel(
+def _batch_stats_kernel(
     x_ptr,  # [N, C, S] input, any strides
-    partial_ptr,  # [2 * SPLITS + 1, C] out: per program sums of (x - k), then of (x - k)^2;
-                  # the last row is k
-    N, C, S, stride_n, stride_c, stride_s,
-    CHUNK_N, CHUNK_S, SPLIT_S, SPLITS,
-    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-    PAIR_N: tl.constexpr, PAIR_S: tl.constexpr, INT64: tl.constexpr,
+    partial_ptr,  # [2, plan.scratch_rows, C] scratch of merge_partials
+    counter_ptr,  # [plan.counters] int32, zero (merge.counters)
+    mean_ptr, var_ptr,  # [C] out, ACC dtype; var is biased
+    running_mean_ptr, running_var_ptr,  # [C] updated in place when UPDATE_RUNNING
+    tracked_ptr,  # [] int64 num_batches_tracked, incremented when COUNT_BATCH
+    N, C, S, stride_n, stride_c, stride_s, CHUNK_N, CHUNK_S, SPLIT_S, SPLITS, GROUP, count,
+    momentum, ACC: tl.constexpr, UPDATE_RUNNING: tl.constexpr, COUNT_BATCH: tl.constexpr,
+    CUMULATIVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr, PAIR_S: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
 ):
     c, c_mask = program_channels(C, BLOCK_C)
     n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
     first, _ = load_tile(x_ptr, 0, 0, c, N, S, c_mask, stride_n, stride_s, stride_c, BLOCK_N,
                          BLOCK_S, INT64)
     shift = channel_sum(first.to(ACC)) / (tl.minimum(N, BLOCK_N) * tl.minimum(S, BLOCK_S))
-    if tl.program_id(1) == 0:
-        tl.store(partial_ptr + 2 * SPLITS * C + c, shift, mask=c_mask)
-    shift = shift[None, None, :]
     acc_d = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
     acc_d2 = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
     for n0 in range(n_lo, n_hi, BLOCK_N + PAIR_N):
@@ -52,46 +54,44 @@ def _partial_sums_kernel(
             if PAIR_N + PAIR_S > 0:
                 x2, mask2 = load_tile(x_ptr, n0 + PAIR_N, s0 + PAIR_S, c, n_hi, s_hi, c_mask,
                                       stride_n, stride_s, stride_c, BLOCK_N, BLOCK_S, INT64)
-                d2 = tl.where(mask2, x2.to(ACC) - shift, 0.0)
+                d2 = tl.where(mask2, x2.to(ACC) - shift[None, None, :], 0.0)
                 acc_d += d2
                 acc_d2 += d2 * d2
-            d = tl.where(mask, x.to(ACC) - shift, 0.0)
+            d = tl.where(mask, x.to(ACC) - shift[None, None, :], 0.0)
             acc_d += d
             acc_d2 += d * d
-    out = partial_ptr + tl.program_id(1) * C + c
-    tl.store(out, channel_sum(acc_d), mask=c_mask)
-    tl.store(out + SPLITS * C, channel_sum(acc_d2), mask=c_mask)
-
-
-@CachedLaunch
-@triton.jit
-def _merge_stats_kernel(
-    partial_ptr,  # [2 * SPLITS + 1, C] sums and shift from _partial_sums_kernel
-    mean_ptr, var_ptr,  # [C] out, ACC dtype; var is biased
-    running_mean_ptr, running_var_ptr,  # [C] updated in place when UPDATE_RUNNING
-    C, SPLITS, count, momentum,
-    ACC: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
-    BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    c, c_mask = program_channels(C, BLOCK_C)
-    sum_d, sum_d2 = sum_partials(partial_ptr, c, c_mask, C, SPLITS, ACC, BLOCK_SPLIT, BLOCK_C)
-    n = count.to(ACC)
-    mean_d = sum_d / n
-    var = tl.maximum(sum_d2 / n - mean_d * mean_d, 0.0)
-    mean = tl.load(partial_ptr + 2 * SPLITS * C + c, mask=c_mask, other=0.0) + mean_d
-    tl.store(mean_ptr + c, mean, mask=c_mask)
-    tl.store(var_ptr + c, var, mask=c_mask)
-    if UPDATE_RUNNING:
-        # The same expressions as PyTorch's CUDA kernel, so the buffers round alike.
-        running_mean = tl.load(running_mean_ptr + c, mask=c_mask).to(ACC)
-        running_var = tl.load(running_var_ptr + c, mask=c_mask).to(ACC)
-        # momentum arrives as float32 (Triton passes Python floats so); 1 - momentum is taken
-        # in ACC, so that float64 buffers lose only momentum's own rounding.
-        m = tl.cast(momentum, ACC)
-        new_mean = m * mean + (1 - m) * running_mean
-        new_var = m * (var * n / (n - 1)) + (1 - m) * running_var
-        tl.store(running_mean_ptr + c, new_mean.to(running_mean_ptr.dtype.element_ty), mask=c_mask)
-        tl.store(running_var_ptr + c, new_var.to(running_var_ptr.dtype.element_ty), mask=c_mask)
+    counters = counter_ptr + tl.program_id(0) * (tl.cdiv(SPLITS, GROUP) + 1)
+    done, sum_d, sum_d2 = merge_partials(partial_ptr, counters, channel_sum(acc_d),
+                                         channel_sum(acc_d2), c, c_mask, C, SPLITS, GROUP, ACC,
+                                         BLOCK_ROWS, BLOCK_C)
+    if done:  # one program per channel block: the statistics of its channels
+        n = count.to(ACC)
+        mean_d = sum_d / n
+        var = tl.maximum(sum_d2 / n - mean_d * mean_d, 0.0)
+        tl.store(mean_ptr + c, shift + mean_d, mask=c_mask)
+        tl.store(var_ptr + c, var, mask=c_mask)
+        if UPDATE_RUNNING:
+            if CUMULATIVE:  # momentum = 1 / batches tracked, this one included, as PyTorch
+                tracked = tl.load(tracked_ptr)  # rounds it: in float64, then to ACC
+                m = (1.0 / (tracked + 1).to(tl.float64)).to(ACC)
+            else:
+                # momentum arrives as float32 (Triton passes Python floats so); 1 - m is
+                # taken in ACC, so that float64 buffers lose only momentum's own rounding.
+                m = tl.cast(momentum, ACC)
+            # The same expressions as PyTorch's CUDA kernel, so the buffers round alike.
+            running_mean = tl.load(running_mean_ptr + c, mask=c_mask).to(ACC)
+            running_var = tl.load(running_var_ptr + c, mask=c_mask).to(ACC)
+            new_mean = m * (shift + mean_d) + (1 - m) * running_mean
+            new_var = m * (var * n / (n - 1)) + (1 - m) * running_var
+            tl.store(running_mean_ptr + c, new_mean.to(running_mean_ptr.dtype.element_ty),
+                     mask=c_mask)
+            tl.store(running_var_ptr + c, new_var.to(running_var_ptr.dtype.element_ty),
+                     mask=c_mask)
+    if COUNT_BATCH:
+        # Every channel block's merger has read the count once the last of them arrives here.
+        blocks = tl.num_programs(0)
+        if arrive(counter_ptr + blocks * (tl.cdiv(SPLITS, GROUP) + 1), blocks, done):
+            tl.store(tracked_ptr, tl.load(tracked_ptr) + 1)
 
 
 @triton.jit
@@ -163,28 +163,31 @@ def triton_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def batch_stats(x, running_mean, running_var, momentum: float):
-    """(mean, biased var) per channel of non-empty x, in the accumulate dtype.
+def batch_stats(x, running_mean, running_var, momentum: float, num_batches_tracked=None):
+    """(mean, biased var) per channel of non-empty x, in the accumulate dtype: one launch.
 
     x's spatial dims must collapse (tiling.strides_ncs). Updates running_mean/running_var in
-    place when they are given (unbiased variance, PyTorch's momentum convention).
+    place when they are given (unbiased variance, PyTorch's momentum convention). A given
+    num_batches_tracked is incremented on the device; momentum=None then means the
+    cumulative average, 1 / num_batches_tracked, also taken on the device.
     """
     x_ncs = strides_ncs(x)
     plan = make_plan(x, x_ncs)
     C = x.shape[1]
     acc = accumulate_dtype(x.dtype)
-    partial = torch.empty((2 * plan.splits + 1, C), device=x.device, dtype=acc)
-    _partial_sums_kernel[plan.grid](
-        x, partial, plan.n, C, plan.s, *plan.strides(x_ncs), plan.chunk_n, plan.chunk_s,
-        plan.split_s, plan.splits, ACC=triton_dtype(x.dtype), **plan.tiles)
+    partial = torch.empty((2, plan.scratch_rows, C), device=x.device, dtype=acc)
     mean = torch.empty(C, device=x.device, dtype=acc)
     var = torch.empty(C, device=x.device, dtype=acc)
     update = running_mean is not None
-    merge = merge_geometry(C, plan.splits)
-    _merge_stats_kernel[merge["grid"]](
-        partial, mean, var, running_mean if update else mean,
-        running_var if update else var, C, plan.splits, x.numel() // C, momentum,
-        ACC=triton_dtype(x.dtype), UPDATE_RUNNING=update, **merge["tiles"])
+    count_batch = num_batches_tracked is not None
+    _batch_stats_kernel[plan.grid](
+        x, partial, counters(x.device, plan.counters), mean, var,
+        running_mean if update else mean, running_var if update else var,
+        num_batches_tracked if count_batch else mean, plan.n, C, plan.s, *plan.strides(x_ncs),
+        plan.chunk_n, plan.chunk_s, plan.split_s, plan.splits, plan.group, x.numel() // C,
+        0.0 if momentum is None else momentum, ACC=triton_dtype(x.dtype),
+        UPDATE_RUNNING=update, COUNT_BATCH=count_batch,
+        CUMULATIVE=update and momentum is None, BLOCK_ROWS=plan.block_rows, **plan.tiles)
     return mean, var
 
 

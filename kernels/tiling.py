@@ -22,13 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import merge
+
 # Programs per SM to aim for: enough in flight to hide memory latency.
 PROGRAMS_PER_SM = 8
 # Bytes per tile, per program iteration: 64 bytes per thread at 4 warps.
 TILE_BYTES = 8192
 NUM_WARPS = 4
-# Elements per tile of the partial-merging kernels.
-MERGE_TILE = 4096
 # Offsets at or past this switch the kernels to int64 indexing.
 INT32_LIMIT = 2**31
 # The interpreter runs programs one after another: fewer, larger programs run faster there.
@@ -77,6 +77,10 @@ class Plan:
     pair_n: int  # offset of each iteration's second tile: one of pair_n, pair_s is 0
     pair_s: int
     grid: tuple  # (channel blocks, splits)
+    group: int  # splits per group when the partials merge (merge.merge_partials)
+    block_rows: int  # partial rows per merge iteration
+    scratch_rows: int  # rows of each half of the merge's scratch
+    counters: int  # counters a merging launch needs
 
     def strides(self, ncs):
         """Per-tensor (stride_n, stride_c, stride_s) in this plan's view."""
@@ -85,7 +89,7 @@ class Plan:
             return 0, stride_c, stride_s
         return stride_n, stride_c, stride_s
 
-    @property
+    @functools.cached_property
     def tiles(self) -> dict:
         """The constexpr tile arguments and num_warps of every kernel walking this plan."""
         return dict(BLOCK_N=self.block_n, BLOCK_S=self.block_s, BLOCK_C=self.block_c,
@@ -148,21 +152,12 @@ def _plan(shape, all_ncs, element_size, sms):
     chunk_s = triton.cdiv(chunk_s, block_s + pair_s) * (block_s + pair_s)
     split_n, split_s = triton.cdiv(n, chunk_n), triton.cdiv(s, chunk_s)
     splits = split_n * split_s
+    channel_blocks = triton.cdiv(channels, block_c)
+    group, block_rows = merge.merge_geometry(splits, block_c)
     return Plan(n, s, channels, block_n, block_s, block_c, chunk_n, chunk_s, split_s, splits,
-                int64, NUM_WARPS, pair_n, pair_s, (triton.cdiv(channels, block_c), splits))
-
-
-@functools.lru_cache(maxsize=4096)
-def merge_geometry(channels: int, splits: int) -> dict:
-    """Grid and tiles for the kernels that add up [splits, channels] partials per channel.
-
-    Narrow channel blocks and tall split blocks: many programs, each looping a few times over
-    long tiles, since a loop iteration costs a full memory latency in these tiny kernels.
-    """
-    block_c = min(triton.next_power_of_2(channels), 16)
-    block_split = min(triton.next_power_of_2(splits), MERGE_TILE // block_c)
-    return dict(grid=(triton.cdiv(channels, block_c),),
-                tiles=dict(BLOCK_SPLIT=block_split, BLOCK_C=block_c, num_warps=4))
+                int64, NUM_WARPS, pair_n, pair_s, (channel_blocks, splits), group, block_rows,
+                merge.scratch_rows(splits, group),
+                merge.counters_needed(channel_blocks, splits, group))
 
 
 @triton.jit
@@ -214,21 +209,6 @@ def store_tile(ptr, values, mask, n0, s0, c, stride_n, stride_s, stride_c,
                BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
     offs = tile_offsets(n0, s0, c, stride_n, stride_s, stride_c, BLOCK_N, BLOCK_S, INT64)
     tl.store(ptr + offs, values.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def sum_partials(partial_ptr, c, c_mask, C, SPLITS, ACC: tl.constexpr,
-                 BLOCK_SPLIT: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-channel totals of the two [SPLITS, C] blocks of partials at partial_ptr."""
-    first = tl.zeros((BLOCK_SPLIT, BLOCK_C), ACC)
-    second = tl.zeros((BLOCK_SPLIT, BLOCK_C), ACC)
-    for p0 in range(0, SPLITS, BLOCK_SPLIT):
-        p = p0 + tl.arange(0, BLOCK_SPLIT)
-        offs = p[:, None] * C + c[None, :]
-        mask = (p < SPLITS)[:, None] & c_mask[None, :]
-        first += tl.load(partial_ptr + offs, mask=mask, other=0.0)
-        second += tl.load(partial_ptr + SPLITS * C + offs, mask=mask, other=0.0)
-    return tl.sum(first, axis=0), tl.sum(second, axis=0)
 
 
 @triton.jit
