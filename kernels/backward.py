@@ -12,9 +12,9 @@ import triton
 import triton.language as tl
 
 from .activations import activation_grad
-from .launch import CachedLaunch
-from .forward import accumulate_dtype, channel_affine, triton_dtype
-from .merge import counters, merge_partials
+from .launch import CachedLaunch, Launch
+from .forward import accumulate_dtype, channel_affine, dtype_of, triton_dtype
+from .merge import merge_partials, workspace
 from .tiling import (channel_sum, load_tile, make_plan, program_channels, program_rows,
                      store_tile, strides_ncs)
 
@@ -45,10 +45,10 @@ def _grad_reduce_kernel(
     mean_ptr, var_ptr, weight_ptr, bias_ptr,  # [C]
     partial_ptr,  # [2, plan.scratch_rows, C] scratch of merge_partials; row SPLITS of each
                   # half ends up holding the totals sum(g), sum(g * xhat)
-    counter_ptr,  # [plan.counters] int32, zero (merge.counters)
+    counter_ptr,  # [plan.counters] int32, zero (merge.workspace)
     dweight_ptr, dbias_ptr,  # [C] out in the parameters' dtype
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
-    stride_dxn, stride_dxc, stride_dxs, CHUNK_N, CHUNK_S, SPLIT_S, eps, SPLITS, GROUP,
+    stride_dxn, stride_dxc, stride_dxs, CHUNK_N, CHUNK_S, SPLIT_S, SPLITS, GROUP, eps,
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, WRITE_DX: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr, PAIR_S: tl.constexpr,
@@ -110,8 +110,8 @@ def _dx_kernel(
     mean_ptr, var_ptr, weight_ptr, bias_ptr,  # [C]
     partial_ptr,  # [2, SCRATCH_ROWS, C]: sum(g), sum(g * xhat) in row SPLITS of each half
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
-    stride_dxn, stride_dxc, stride_dxs, CHUNK_N, CHUNK_S, SPLIT_S, eps, count, SPLITS,
-    SCRATCH_ROWS,
+    stride_dxn, stride_dxc, stride_dxs, CHUNK_N, CHUNK_S, SPLIT_S, count, SPLITS,
+    SCRATCH_ROWS, eps,
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr, PAIR_S: tl.constexpr, INT64: tl.constexpr,
@@ -158,20 +158,27 @@ def normalize_act_backward(dy, x, mean, var, weight, bias, eps: float, training:
     plan = make_plan(x, x_ncs, dy_ncs, dx_ncs)
     C = x.shape[1]
     acc = accumulate_dtype(x.dtype)
-    dweight = torch.empty(C, device=x.device, dtype=acc if weight is None else weight.dtype)
-    dbias = torch.empty(C, device=x.device, dtype=acc if bias is None else bias.dtype)
-    partial = torch.empty((2, plan.scratch_rows, C), device=x.device, dtype=acc)
-    params = (mean, var, weight if weight is not None else mean,
-              bias if bias is not None else mean)
-    rows_and_strides = ((plan.n, C, plan.s) + plan.strides(x_ncs) + plan.strides(dy_ncs)
-                        + plan.strides(dx_ncs) + (plan.chunk_n, plan.chunk_s, plan.split_s, eps))
-    flags = dict(ACC=triton_dtype(x.dtype), ACTIVATION=activation_code,
-                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **plan.tiles)
-    _grad_reduce_kernel[plan.grid](
-        x, dy, dx, *params, partial, counters(x.device, plan.counters), dweight, dbias,
-        *rows_and_strides, plan.splits, plan.group, WRITE_DX=not training,
-        BLOCK_ROWS=plan.block_rows, **flags)
+    dweight = x.new_empty(C, dtype=acc if weight is None else weight.dtype)
+    dbias = x.new_empty(C, dtype=acc if bias is None else bias.dtype)
+    counters, partial = workspace(x.device, plan.counters, 2 * plan.scratch_rows * C, acc)
+    tensors = (x, dy, dx, mean, var, weight if weight is not None else mean,
+               bias if bias is not None else mean, partial)
+    key = (plan, x.dtype, dy.dtype, mean.dtype, var.dtype, dtype_of(weight), dtype_of(bias),
+           activation_code)
+    floats = (float(eps),)
+
+    def bind(*ints, **constexprs):
+        return Launch(plan.grid, (plan.n, C, plan.s, *plan.strides(x_ncs), *plan.strides(dy_ncs),
+                                  *plan.strides(dx_ncs), plan.chunk_n, plan.chunk_s,
+                                  plan.split_s, *ints),
+                      dict(ACC=triton_dtype(x.dtype), ACTIVATION=activation_code,
+                           HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                           **plan.tiles, **constexprs))
+    _grad_reduce_kernel.launch(
+        (key, training), tensors + (counters, dweight, dbias), floats,
+        lambda: bind(plan.splits, plan.group, WRITE_DX=not training,
+                     BLOCK_ROWS=plan.block_rows))
     if training:
-        _dx_kernel[plan.grid](x, dy, dx, *params, partial, *rows_and_strides, x.numel() // C,
-                              plan.splits, plan.scratch_rows, **flags)
+        _dx_kernel.launch(key, tensors, floats,
+                          lambda: bind(x.numel() // C, plan.splits, plan.scratch_rows))
     return dx, dweight, dbias

@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from .activations import activation
-from .launch import CachedLaunch
-from .merge import arrive, counters, merge_partials
+from .launch import CachedLaunch, Launch
+from .merge import arrive, merge_partials, workspace
 from .tiling import (channel_sum, load_tile, make_plan, program_channels, program_rows,
                      store_tile, strides_ncs)
 
@@ -30,7 +30,7 @@ from .tiling import (channel_sum, load_tile, make_plan, program_channels, progra
 def _batch_stats_kernel(
     x_ptr,  # [N, C, S] input, any strides
     partial_ptr,  # [2, plan.scratch_rows, C] scratch of merge_partials
-    counter_ptr,  # [plan.counters] int32, zero (merge.counters)
+    counter_ptr,  # [plan.counters] int32, zero (merge.workspace)
     mean_ptr, var_ptr,  # [C] out, ACC dtype; var is biased
     running_mean_ptr, running_var_ptr,  # [C] updated in place when UPDATE_RUNNING
     tracked_ptr,  # [] int64 num_batches_tracked, incremented when COUNT_BATCH
@@ -163,31 +163,42 @@ def triton_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def dtype_of(t):
+    """t's dtype, None for no tensor: what a cache key holds for an optional argument."""
+    return None if t is None else t.dtype
+
+
 def batch_stats(x, running_mean, running_var, momentum: float, num_batches_tracked=None):
     """(mean, biased var) per channel of non-empty x, in the accumulate dtype: one launch.
 
     x's spatial dims must collapse (tiling.strides_ncs). Updates running_mean/running_var in
     place when they are given (unbiased variance, PyTorch's momentum convention). A given
     num_batches_tracked is incremented on the device; momentum=None then means the
-    cumulative average, 1 / num_batches_tracked, also taken on the device.
+    cumulative average, 1 / num_batches_tracked, also taken on the device (and 0 without
+    a count, as in nn.BatchNorm).
     """
     x_ncs = strides_ncs(x)
     plan = make_plan(x, x_ncs)
     C = x.shape[1]
     acc = accumulate_dtype(x.dtype)
-    partial = torch.empty((2, plan.scratch_rows, C), device=x.device, dtype=acc)
-    mean = torch.empty(C, device=x.device, dtype=acc)
-    var = torch.empty(C, device=x.device, dtype=acc)
+    counters, partial = workspace(x.device, plan.counters, 2 * plan.scratch_rows * C, acc)
+    mean = x.new_empty(C, dtype=acc)
+    var = x.new_empty(C, dtype=acc)
     update = running_mean is not None
     count_batch = num_batches_tracked is not None
-    _batch_stats_kernel[plan.grid](
-        x, partial, counters(x.device, plan.counters), mean, var,
-        running_mean if update else mean, running_var if update else var,
-        num_batches_tracked if count_batch else mean, plan.n, C, plan.s, *plan.strides(x_ncs),
-        plan.chunk_n, plan.chunk_s, plan.split_s, plan.splits, plan.group, x.numel() // C,
-        0.0 if momentum is None else momentum, ACC=triton_dtype(x.dtype),
-        UPDATE_RUNNING=update, COUNT_BATCH=count_batch,
-        CUMULATIVE=update and momentum is None, BLOCK_ROWS=plan.block_rows, **plan.tiles)
+    cumulative = update and count_batch and momentum is None
+    _batch_stats_kernel.launch(
+        (plan, x.dtype, dtype_of(running_mean), dtype_of(running_var),
+         dtype_of(num_batches_tracked), cumulative),
+        (x, partial, counters, mean, var, running_mean if update else mean,
+         running_var if update else var, num_batches_tracked if count_batch else mean),
+        (0.0 if momentum is None else float(momentum),),
+        lambda: Launch(plan.grid, (plan.n, C, plan.s, *plan.strides(x_ncs), plan.chunk_n,
+                                   plan.chunk_s, plan.split_s, plan.splits, plan.group,
+                                   x.numel() // C),
+                       dict(ACC=triton_dtype(x.dtype), UPDATE_RUNNING=update,
+                            COUNT_BATCH=count_batch, CUMULATIVE=cumulative,
+                            BLOCK_ROWS=plan.block_rows, **plan.tiles)))
     return mean, var
 
 
@@ -196,10 +207,15 @@ def normalize_act(x, mean, var, weight, bias, eps: float, activation_code: int):
     y = torch.empty_like(x)
     x_ncs, y_ncs = strides_ncs(x), strides_ncs(y)
     plan = make_plan(x, x_ncs, y_ncs)
-    _normalize_kernel[plan.grid](
-        x, y, mean, var, weight if weight is not None else mean,
-        bias if bias is not None else mean, plan.n, x.shape[1], plan.s,
-        *plan.strides(x_ncs), *plan.strides(y_ncs), plan.chunk_n, plan.chunk_s, plan.split_s,
-        eps, ACC=triton_dtype(x.dtype), ACTIVATION=activation_code,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **plan.tiles)
+    _normalize_kernel.launch(
+        (plan, x.dtype, mean.dtype, var.dtype, dtype_of(weight), dtype_of(bias), activation_code),
+        (x, y, mean, var, weight if weight is not None else mean,
+         bias if bias is not None else mean),
+        (float(eps),),
+        lambda: Launch(plan.grid, (plan.n, x.shape[1], plan.s, *plan.strides(x_ncs),
+                                   *plan.strides(y_ncs), plan.chunk_n, plan.chunk_s,
+                                   plan.split_s),
+                       dict(ACC=triton_dtype(x.dtype), ACTIVATION=activation_code,
+                            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                            **plan.tiles)))
     return y

@@ -8,10 +8,10 @@ would stall the launch, so the rows are merged in two levels: the last program o
 of GROUP consecutive splits adds up its group into a group row, and the last of the group
 mergers adds up the group rows. Each level reads at most GROUP rows (GROUP ~ sqrt(SPLITS)).
 
-Counters live in one int32 buffer per (device, stream), all zero between launches: each last
-arriver stores 0 back, so no memset is launched per call and CUDA-graph replays find them
-zeroed. Kernels on one stream run one after another and may share it; a kernel on another
-stream gets its own buffer. Under Triton's interpreter programs run one after another and
+Counters and partials live in buffers kept per (device, stream) (workspace()), so a call
+allocates neither. The counters are all zero between launches: each last arriver stores 0
+back, so no memset is launched per call and CUDA-graph replays find them zeroed. Launches on
+one stream run one after another and may share the buffers; another stream gets its own. Under Triton's interpreter programs run one after another and
 atomics work, so the same code runs in CPU tests.
 """
 import math
@@ -102,17 +102,25 @@ def counters_needed(channel_blocks: int, splits: int, group: int) -> int:
     return channel_blocks * (triton.cdiv(splits, group) + 1) + 1
 
 
-_counters = {}  # (device, stream) -> int32 counters, all zero between launches
+_buffers = {}  # (device, stream, dtype) -> the stream's counters (int32) or partials
 
 
-def counters(device: torch.device, size: int) -> torch.Tensor:
-    """At least `size` zeroed counters private to the current stream of `device`."""
+def workspace(device: torch.device, counters: int, partials: int, dtype: torch.dtype):
+    """(counters, partials): at least that many zeroed int32 counters and `dtype` scratch
+    elements, private to the current stream of `device`. Launches queued on one stream run
+    one after another, so they share them; each stream has its own, as must each thread that
+    runs kernels on the CPU through the interpreter."""
     stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
-    key = (device, stream)
-    buffer = _counters.get(key)
+    return (_stream_buffer(device, stream, torch.int32, counters),
+            _stream_buffer(device, stream, dtype, partials))
+
+
+def _stream_buffer(device, stream, dtype, size: int) -> torch.Tensor:
+    key = (device, stream, dtype)
+    buffer = _buffers.get(key)
     if buffer is None or buffer.numel() < size:
-        # Kernels queued on this stream may still use the old buffer: it stays alive until
-        # they are done, as the caching allocator frees it in stream order.
-        buffer = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
-        _counters[key] = buffer
+        # Launches queued on this stream may still use the old buffer: the caching allocator
+        # hands its memory out again only to work queued after them on the same stream.
+        buffer = torch.zeros(max(size, 1024), dtype=dtype, device=device)
+        _buffers[key] = buffer
     return buffer

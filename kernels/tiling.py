@@ -58,9 +58,11 @@ def _collapse(shape, strides):
 _collapse_cached = functools.lru_cache(maxsize=4096)(_collapse)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Plan:
-    """A launch geometry shared by every kernel that walks the same tensors."""
+    """A launch geometry shared by every kernel that walks the same tensors. Plans come from
+    a cache keyed on shapes and strides, so a plan's identity stands for them in launch cache
+    keys (hashing by identity is also what keeps those keys cheap)."""
 
     n: int  # rows along the outer axis (1 when rows are flattened)
     s: int  # rows along the inner axis (N * S when flattened)
@@ -79,7 +81,7 @@ class Plan:
     grid: tuple  # (channel blocks, splits)
     group: int  # splits per group when the partials merge (merge.merge_partials)
     block_rows: int  # partial rows per merge iteration
-    scratch_rows: int  # rows of each half of the merge's scratch
+    scratch_rows: int  # rows of each half of the merge's [2, scratch_rows, channels] scratch
     counters: int  # counters a merging launch needs
 
     def strides(self, ncs):

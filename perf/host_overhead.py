@@ -1,29 +1,42 @@
-"""Host time per call of BatchNormAct2d against eager, and where it goes.
+"""Host time of BatchNormAct2d against nn.BatchNorm2d + nn.ReLU, alone and inside a model.
 
-Small shapes are bound by host time: Python, torch's dispatch and autograd, Triton's launcher.
-This prints microseconds per call (a burst of calls, no sync in between) for the training
-forward, the training forward+backward and the eval forward; then each launcher called
-directly (no autograd, no module) and the backward alone through autograd, which runs on
-autograd's device thread for CUDA tensors; then a cProfile of forward+backward (the calling
-thread only).
+Small tensors are bound by host time: Python, torch's dispatch and autograd, the launches.
+Every figure is the median of --repeats runs, the providers interleaved run by run, each run
+a burst of calls with no sync in between:
+
+- pair alone: one training forward+backward of BatchNorm2d + ReLU (eager) and of
+  BatchNormAct2d (tritonbn) on a 2x64x4x4 input, where the host is all there is;
+- stack (--stack): an SGD training step of 33 x (1x1 Conv, BatchNorm2d, ReLU), as built and
+  after fuse_bn_act: what a pair costs inside a model;
+- modes: BatchNormAct2d's training forward, training forward+backward and eval forward on
+  32x64x56x56 (and eager's, with real launches), then each launcher alone;
+- launches per step: Triton launches in one training forward+backward.
+
+It ends with one line for scripts:
+
+    host: pair_alone eager=<us> tritonbn=<us> ratio=<r>; stack eager=<ms> converted=<ms>
+    ratio=<r>; launches_per_step=<n>
 
     python perf/host_overhead.py                 # on a GPU: real launches
-    python perf/host_overhead.py --stub-launches # any machine: kernels replaced by no-ops, so
-                                                 # only the Python above the launches is timed
+    python perf/host_overhead.py --stub-launches # any machine: each compiled kernel's launch
+                                                 # is a no-op; everything above it is timed
+    python perf/host_overhead.py --stack         # also the Conv-BN-ReLU stack
     python perf/host_overhead.py --compiled      # also under torch.compile (fullgraph, static
                                                  # shapes): the registered ops' dispatch cost
-    python perf/host_overhead.py --stack         # also a training step of 33 Conv-BN-ReLU
-                                                 # blocks, eager and fuse_bn_act-converted: the
-                                                 # cost of a pair inside a model
 
 Without a GPU the tensors are CPU tensors routed to the Triton launchers (TRITON_INTERPRET=1),
-and the launches are always stubbed: the interpreter's own time would swamp the host's.
+the launches are always stubbed (the interpreter's own time would swamp the host's), and
+PyTorch's CPU kernels run on one thread: on a GPU they would be launches, and threads on tiny
+tensors only add noise.
 """
 import argparse
 import cProfile
+import inspect
 import os
 import pstats
+import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -31,27 +44,70 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"  # route CPU tensors to the launchers
 
+import triton.language as tl  # noqa: E402
+
 import tritonbn  # noqa: E402
 from tritonbn import kernels  # noqa: E402
-from tritonbn.kernels import backward, forward  # noqa: E402
+from tritonbn.kernels import backward, forward, launch  # noqa: E402
+
+STACK_PAIRS = 33  # as many as fuse_bn_act finds in ResNet-50
 
 
-class _NoLaunch:
-    """Stands in for a Triton kernel: kernel[grid](...) does nothing."""
+class _StubKernel:
+    """A compiled kernel whose launch does nothing."""
+
+    function = packed_metadata = None
+
+    def run(self, *args):
+        pass
+
+    def launch_metadata(self, *args):
+        return None
+
+
+class _StubJit:
+    """Stands in for a @triton.jit function: its first call per specialisation 'compiles'
+    (returns a _StubKernel) and launches nothing."""
+
+    def __init__(self, jit_fn):
+        self.params = [SimpleNamespace(name=name, is_constexpr=param.annotation is tl.constexpr)
+                       for name, param in inspect.signature(jit_fn.fn).parameters.items()]
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: _StubKernel()
 
 
 def stub_launches():
+    """Route every kernel through launch.CachedLaunch's direct path onto no-op kernels, so that
+    all the Python above the launch is timed, the launch cache included."""
+    launch.LAUNCH_DIRECTLY = True
+    launch.driver = SimpleNamespace(active=SimpleNamespace(
+        get_current_device=lambda: 0, get_current_stream=lambda device: 0))
     for module in (forward, backward):
-        for name in dir(module):
-            if name.startswith("_") and name.endswith("_kernel"):
-                setattr(module, name, _NoLaunch())
+        for value in vars(module).values():
+            if isinstance(value, launch.CachedLaunch):
+                value.jit_fn = _StubJit(value.jit_fn)
+
+
+def launches_in(fn) -> int:
+    """Triton launches made by one call of fn."""
+    count = 0
+    original = launch.CachedLaunch.launch
+
+    def counted(self, *args):
+        nonlocal count
+        count += 1
+        return original(self, *args)
+
+    launch.CachedLaunch.launch = counted
+    try:
+        fn()
+    finally:
+        launch.CachedLaunch.launch = original
+    return count
 
 
 def microseconds_per_call(fn, calls: int) -> float:
-    fn()
     if ON_GPU:
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -63,25 +119,24 @@ def microseconds_per_call(fn, calls: int) -> float:
     return elapsed / calls * 1e6
 
 
-def fwd_bwd_us(module, bn, x, dy, calls: int) -> float:
-    """us per call of the training forward+backward, to the input and bn's parameters."""
-    module.train()
-    return microseconds_per_call(
-        lambda: torch.autograd.grad(module(x), (x, bn.weight, bn.bias), dy), calls)
+def interleaved_medians(fns: dict, calls: int, repeats: int) -> dict:
+    """Median us per call of each fn over `repeats` bursts, taking the fns in turn. A value
+    may be a (setup, fn) pair: setup runs untimed before each of fn's bursts."""
+    fns = {name: fn if isinstance(fn, tuple) else (None, fn) for name, fn in fns.items()}
+    samples = {name: [] for name in fns}
+    for repeat in range(repeats + 1):  # the first round compiles, allocates, warms caches
+        for name, (setup, fn) in fns.items():
+            if setup is not None:
+                setup()
+            us = microseconds_per_call(fn, calls if repeat else 2)
+            if repeat:
+                samples[name].append(us)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def host_times(module, bn, x, dy, calls: int):
-    """us per call of the training forward, training forward+backward and eval forward."""
-    module.train()
-    fwd = microseconds_per_call(lambda: module(x), calls)
-    fwd_bwd = fwd_bwd_us(module, bn, x, dy, calls)
-    module.eval()
-    with torch.no_grad():
-        evaluation = microseconds_per_call(lambda: module(x), calls)
-    return fwd, fwd_bwd, evaluation
-
-
-STACK_PAIRS = 33  # as many as fuse_bn_act finds in ResNet-50
+def fwd_bwd(module, bn, x, dy):
+    """(setup, fn): one training forward+backward, to the input and bn's parameters."""
+    return module.train, lambda: torch.autograd.grad(module(x), (x, bn.weight, bn.bias), dy)
 
 
 def tiny_input(device, dtype, channels: int = 64) -> torch.Tensor:
@@ -89,64 +144,74 @@ def tiny_input(device, dtype, channels: int = 64) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def stack_step_ms(device, dtype, steps: int) -> tuple[float, float]:
-    """ms per SGD training step of STACK_PAIRS x (1x1 Conv, BatchNorm2d, ReLU) on a tiny input,
-    as built and after fuse_bn_act: host time, the GPU's share being a few us per kernel."""
-    x = tiny_input(device, dtype)
-    channels = x.shape[1]
-    times = []
-    for convert in (False, True):
-        torch.manual_seed(0)
-        blocks = []
-        for _ in range(STACK_PAIRS):
-            blocks += [torch.nn.Conv2d(channels, channels, 1, bias=False),
-                       torch.nn.BatchNorm2d(channels), torch.nn.ReLU(inplace=True)]
-        model = torch.nn.Sequential(*blocks).to(device=device, dtype=dtype,
-                                                 memory_format=torch.channels_last)
-        if convert:
-            model = tritonbn.fuse_bn_act(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-        def step():
-            loss = model(x).float().sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        times.append(microseconds_per_call(step, steps) / 1e3)
-    return times[0], times[1]
-
-
-def isolated_pair_us(device, dtype, calls: int) -> tuple[float, float]:
-    """us per forward+backward of one BatchNorm2d + ReLU and of one BatchNormAct2d, alone, on
-    the stack's tiny input: the per-pair cost without a model around it."""
+def pair_alone(device, dtype, calls: int, repeats: int) -> dict:
+    """us per forward+backward of one BatchNorm2d + ReLU and of one BatchNormAct2d."""
     x = tiny_input(device, dtype).requires_grad_()
     dy = torch.randn_like(x)
     channels = x.shape[1]
     eager = torch.nn.Sequential(torch.nn.BatchNorm2d(channels), torch.nn.ReLU()).to(device)
     ours = tritonbn.BatchNormAct2d(channels, device=device)
-    return (fwd_bwd_us(eager, eager[0], x, dy, calls), fwd_bwd_us(ours, ours, x, dy, calls))
+    return interleaved_medians({"eager": fwd_bwd(eager, eager[0], x, dy),
+                                "tritonbn": fwd_bwd(ours, ours, x, dy)}, calls, repeats)
 
 
-def launcher_times(module, x, dy, calls: int):
+def stack_step(convert: bool, device, dtype):
+    """An SGD training step of STACK_PAIRS x (1x1 Conv, BatchNorm2d, ReLU) on a tiny input,
+    as built or after fuse_bn_act: host time, the GPU's share being a few us per kernel."""
+    x = tiny_input(device, dtype)
+    channels = x.shape[1]
+    torch.manual_seed(0)
+    blocks = []
+    for _ in range(STACK_PAIRS):
+        blocks += [torch.nn.Conv2d(channels, channels, 1, bias=False),
+                   torch.nn.BatchNorm2d(channels), torch.nn.ReLU(inplace=True)]
+    model = torch.nn.Sequential(*blocks).to(device=device, dtype=dtype,
+                                             memory_format=torch.channels_last)
+    if convert:
+        model = tritonbn.fuse_bn_act(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        loss = model(x).float().sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def stack_ms(device, dtype, steps: int, repeats: int) -> dict:
+    us = interleaved_medians({"eager": stack_step(False, device, dtype),
+                              "converted": stack_step(True, device, dtype)}, steps, repeats)
+    return {name: value / 1e3 for name, value in us.items()}
+
+
+def mode_times(module, bn, x, dy, calls: int, repeats: int) -> dict:
+    """us per call of the training forward, training forward+backward and eval forward."""
+    def eval_fwd():
+        with torch.no_grad():
+            module(x)
+    return interleaved_medians({"train_fwd": (module.train, lambda: module(x)),
+                                "train_fwdbwd": fwd_bwd(module, bn, x, dy),
+                                "eval_fwd": (module.eval, eval_fwd)}, calls, repeats)
+
+
+def launcher_times(module, x, dy, calls: int, repeats: int) -> dict:
     """us per call of each launcher on its own, and of the backward alone through autograd."""
     module.train()
-    mean, var = kernels.batch_stats(x.detach(), None, None, 0.1)
+    xd = x.detach()
+    mean, var = kernels.batch_stats(xd, None, None, 0.1)
     weight, bias = module.weight, module.bias
     relu = kernels.ACTIVATIONS["relu"]
     y = module(x)
-    return {
-        "batch_stats": microseconds_per_call(
-            lambda: kernels.batch_stats(x.detach(), module.running_mean, module.running_var,
-                                        0.1), calls),
-        "normalize_act": microseconds_per_call(
-            lambda: kernels.normalize_act(x.detach(), mean, var, weight, bias, 1e-5, relu),
-            calls),
-        "normalize_act_backward": microseconds_per_call(
-            lambda: kernels.normalize_act_backward(dy, x.detach(), mean, var, weight, bias,
-                                                   1e-5, True, relu), calls),
-        "autograd backward alone": microseconds_per_call(
-            lambda: torch.autograd.grad(y, (x, weight, bias), dy, retain_graph=True), calls),
-    }
+    return interleaved_medians({
+        "batch_stats": lambda: kernels.batch_stats(xd, module.running_mean,
+                                                   module.running_var, 0.1),
+        "normalize_act": lambda: kernels.normalize_act(xd, mean, var, weight, bias, 1e-5, relu),
+        "normalize_act_backward": lambda: kernels.normalize_act_backward(
+            dy, xd, mean, var, weight, bias, 1e-5, True, relu),
+        "autograd backward alone": lambda: torch.autograd.grad(y, (x, weight, bias), dy,
+                                                               retain_graph=True),
+    }, calls, repeats)
 
 
 def main():
@@ -154,7 +219,8 @@ def main():
     parser.add_argument("--stub-launches", action="store_true")
     parser.add_argument("--calls", type=int, default=200,
                         help="per burst; on a GPU keep it under the launch queue's depth")
-    parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument("--repeats", type=int, default=7, help="bursts per figure (median)")
+    parser.add_argument("--profile-rows", type=int, default=15)
     parser.add_argument("--compiled", action="store_true",
                         help="also time torch.compile of each module")
     parser.add_argument("--stack", action="store_true",
@@ -163,45 +229,63 @@ def main():
     stubbed = args.stub_launches or not ON_GPU
     if stubbed:
         stub_launches()
+    if not ON_GPU:
+        torch.set_num_threads(1)
+    if stubbed:  # stubbed kernels leave garbage in y and dx: keep denormals from slowing convs
+        torch.set_flush_denormal(True)
     device = "cuda" if ON_GPU else "cpu"
     dtype = torch.bfloat16 if ON_GPU else torch.float32
+    print(f"{device}, {str(dtype)[6:]}, {'launches stubbed out' if stubbed else 'real launches'}"
+          f"; medians of {args.repeats} interleaved bursts")
+
+    alone = pair_alone(device, dtype, args.calls, args.repeats)
+    print(f"pair alone, 2x64x4x4 fwd+bwd: eager {alone['eager']:.1f} us, "
+          f"tritonbn {alone['tritonbn']:.1f} us")
+
     x = torch.randn(32, 64, 56, 56, device=device, dtype=dtype)
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     dy = torch.randn_like(x)
     ours = tritonbn.BatchNormAct2d(64, device=device)
-    eager = torch.nn.Sequential(torch.nn.BatchNorm2d(64, device=device), torch.nn.ReLU())
-    print(f"32x64x56x56 {str(dtype)[6:]} channels_last on {device}; "
-          f"{'launches stubbed out' if stubbed else 'real launches'}; us per call")
+    ours.train()
+    launches = launches_in(fwd_bwd(ours, ours, x, dy)[1])
+    print(f"32x64x56x56 channels_last, us per call; {launches} launches per training "
+          f"forward+backward")
     providers = {"tritonbn": (ours, ours)}
     if not stubbed:  # eager's kernels cannot be stubbed: compare only with real launches
+        eager = torch.nn.Sequential(torch.nn.BatchNorm2d(64, device=device), torch.nn.ReLU())
         providers["eager"] = (eager, eager[0])
     if args.compiled:
         for name, (module, bn) in list(providers.items()):
             compiled = torch.compile(module, fullgraph=True, dynamic=False)
             providers["compile" if name == "eager" else f"{name}_compile"] = (compiled, bn)
     for name, (module, bn) in providers.items():
-        fwd, fwd_bwd, evaluation = host_times(module, bn, x, dy, args.calls)
-        print(f"{name:16s} train_fwd {fwd:7.1f}  train_fwdbwd {fwd_bwd:7.1f}  "
-              f"eval_fwd {evaluation:7.1f}")
-    for name, us in launcher_times(ours, x, dy, args.calls).items():
-        print(f"  {name:24s} {us:7.1f}")
+        times = mode_times(module, bn, x, dy, args.calls, args.repeats)
+        print(f"  {name:16s} " + "  ".join(f"{mode} {us:7.1f}" for mode, us in times.items()))
+    for name, us in launcher_times(ours, x, dy, args.calls, args.repeats).items():
+        print(f"    {name:24s} {us:7.1f}")
+
+    stack = None
     if args.stack:
-        if stubbed:  # the stubs leave garbage in y and dx: keep denormals from slowing convs
-            torch.set_flush_denormal(True)
-        as_built, converted = stack_step_ms(device, dtype, steps=20)
-        eager_pair, our_pair = isolated_pair_us(device, dtype, args.calls)
+        stack = stack_ms(device, dtype, steps=20, repeats=args.repeats)
         print(f"{STACK_PAIRS} x (Conv, BatchNorm2d, ReLU), 2x64x4x4, SGD step: as built "
-              f"{as_built:.2f} ms, converted {converted:.2f} ms, "
-              f"{(converted - as_built) / STACK_PAIRS * 1e3:+.0f} us per fused pair; alone, "
-              f"fwd+bwd of one pair {eager_pair:.0f} us eager, {our_pair:.0f} us tritonbn "
-              f"({our_pair - eager_pair:+.0f} us)")
-    ours.train()
-    profile = cProfile.Profile()
-    profile.enable()
-    for _ in range(args.calls):
-        torch.autograd.grad(ours(x), (x, ours.weight, ours.bias), dy)
-    profile.disable()
-    pstats.Stats(profile).sort_stats("tottime").print_stats(args.profile_rows)
+              f"{stack['eager']:.2f} ms, converted {stack['converted']:.2f} ms, "
+              f"{(stack['converted'] - stack['eager']) / STACK_PAIRS * 1e3:+.1f} us per pair")
+
+    if args.profile_rows:
+        ours.train()
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(args.calls):
+            torch.autograd.grad(ours(x), (x, ours.weight, ours.bias), dy)
+        profile.disable()
+        pstats.Stats(profile).sort_stats("tottime").print_stats(args.profile_rows)
+
+    summary = (f"host: pair_alone eager={alone['eager']:.1f} tritonbn={alone['tritonbn']:.1f} "
+               f"ratio={alone['tritonbn'] / alone['eager']:.3f}; ")
+    if stack is not None:
+        summary += (f"stack eager={stack['eager']:.3f} converted={stack['converted']:.3f} "
+                    f"ratio={stack['converted'] / stack['eager']:.3f}; ")
+    print(summary + f"launches_per_step={launches}")
 
 
 if __name__ == "__main__":

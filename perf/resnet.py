@@ -50,8 +50,8 @@ NUM_CLASSES = 1000
 # Kernels of BatchNorm (cuDNN, PyTorch's native CUDA kernels, tritonbn's Triton kernels) and of
 # ReLU (a clamp forward, threshold backward), matched on the profiler's kernel names.
 BN_ACT_KERNELS = re.compile(r"batch_norm|batchnorm|bn_fw|bn_bw|cudnn::bn|clamp|threshold"
-                            r"|_partial_sums_kernel|_merge_stats_kernel|_normalize_kernel"
-                            r"|_grad_partial_kernel|_merge_grad_kernel|_dx_kernel")
+                            r"|_batch_stats_kernel|_normalize_kernel|_grad_reduce_kernel"
+                            r"|_dx_kernel")
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 
 

@@ -20,9 +20,9 @@ def op_samples():
         C = shape[1]
         x = make_input(shape, layout=layout)
         weight, bias, running_mean, running_var = make_params(C)
-        yield ops.batch_stats, (x, running_mean, running_var, 0.1)
-        yield ops.batch_stats, (x, None, None, 0.1)
-        mean, var = ops.batch_stats(x, None, None, 0.1)
+        yield ops.batch_stats, (x, running_mean, running_var, None, 0.1)
+        yield ops.batch_stats, (x, None, None, None, 0.1)
+        mean, var = ops.batch_stats(x, None, None, None, 0.1)
         for training, stats in ((True, (mean, var)), (False, (running_mean, running_var))):
             for affine in ((weight, bias), (None, None)):
                 leaf = x.clone().requires_grad_()

@@ -54,18 +54,23 @@ def check_inputs(input: Tensor, running_mean: Optional[Tensor], running_var: Opt
 
 def forward_checked(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                     weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
-                    momentum: float, eps: float, code: int) -> Tensor:
-    """bn_act after check_inputs: an empty batch returns an empty output, stats untouched."""
+                    momentum: Optional[float], eps: float, code: int,
+                    num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """bn_act after check_inputs: an empty batch returns an empty output, stats untouched.
+
+    A given num_batches_tracked is counted up on the device with the running statistics;
+    momentum=None then means their cumulative average.
+    """
     if input.numel() == 0:
         return input.clone()
-    mean, var = running_mean, running_var
     if torch.compiler.is_compiling():  # the registered ops: traceable, no graph break
+        mean, var = running_mean, running_var
         if training:
-            mean, var = ops.batch_stats(input.detach(), running_mean, running_var, momentum)
+            mean, var = ops.batch_stats(input.detach(), running_mean, running_var,
+                                        num_batches_tracked, momentum)
         return ops.normalize_act(input, mean, var, weight, bias, eps, training, code)
-    if training:
-        mean, var = ops.run_batch_stats(input.detach(), running_mean, running_var, momentum)
-    return ops.EagerNormalizeAct.apply(input, mean, var, weight, bias, eps, training, code)
+    return ops.EagerBatchNormAct.apply(input, weight, bias, (
+        running_mean, running_var, num_batches_tracked, training, momentum, eps, code))
 
 
 def bn_act(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

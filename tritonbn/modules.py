@@ -23,25 +23,24 @@ class _BatchNormActMixin:
         return f"{super().extra_repr()}, activation={self.activation}"
 
     def forward(self, input: Tensor) -> Tensor:
-        # nn.BatchNorm's forward, with every check moved ahead of the num_batches_tracked update.
-        # Parameters and buffers are read once: each read goes through nn.Module.__getattr__.
+        # nn.BatchNorm's forward, with every check ahead of any state change, and the
+        # num_batches_tracked update (and momentum=None's 1 / num_batches_tracked) left to
+        # the statistics kernel on the device. Each attribute is read once: parameters and
+        # buffers go through nn.Module.__getattr__.
         self._check_input_dim(input)
         code = activation_code(self.activation)
-        training, momentum, track = self.training, self.momentum, self.track_running_stats
+        training, track = self.training, self.track_running_stats
         running_mean, running_var = self.running_mean, self.running_var
         weight, bias = self.weight, self.bias
         bn_training = training or (running_mean is None and running_var is None)
-        if training and not track:
+        tracked = None
+        if training and track:
+            tracked = self.num_batches_tracked
+        elif training:
             running_mean = running_var = None
         check_inputs(input, running_mean, running_var, weight, bias, bn_training)
-        factor = 0.0 if momentum is None else momentum
-        tracked = self.num_batches_tracked
-        if training and track and tracked is not None and input.numel() > 0:
-            tracked.add_(1)
-            if momentum is None:  # cumulative moving average
-                factor = 1.0 / float(tracked)
         return forward_checked(input, running_mean, running_var, weight, bias, bn_training,
-                               factor, self.eps, code)
+                               self.momentum, self.eps, code, tracked)
 
 
 class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):

@@ -1,14 +1,15 @@
 """The registered ops, in the ``tritonbn`` namespace, with fake and autograd registrations.
 
-- ``batch_stats(x, running_mean!, running_var!, momentum) -> (mean, var)``: the batch
-  statistics, updating the running ones in place. Not differentiable: the backward of
+- ``batch_stats(x, running_mean!, running_var!, num_batches_tracked!, momentum) -> (mean, var)``:
+  the batch statistics, updating the running ones and the batch count in place (momentum=None:
+  the cumulative average over the count). Not differentiable: the backward of
   ``normalize_act`` with training=True already carries the statistics' dependence on x.
 - ``normalize_act(x, mean, var, weight, bias, eps, training, activation) -> y``: functional
   and differentiable; its backward is ``normalize_act_backward``.
 
 The mutation lives in an op of its own because torch.library registers autograd only for
-functional ops. torch.compile traces these ops; eager calls take the run_* functions and
-EagerNormalizeAct below, the same launchers without the dispatcher's per-call cost. CUDA
+functional ops. torch.compile traces these ops; eager calls take EagerBatchNormAct below, the
+same launchers without the dispatcher's per-call cost. CUDA
 tensors run the Triton kernels. CPU tensors run the same kernels through
 Triton's interpreter when TRITON_INTERPRET=1 was set before triton was imported, and the
 PyTorch reference otherwise. Tensors whose spatial dims do not collapse into one stride
@@ -18,6 +19,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import kernels, reference
 from .kernels.forward import accumulate_dtype
@@ -37,8 +39,9 @@ def _walkable(t: Tensor) -> Tensor:
     return t if strides_ncs(t) is not None else t.contiguous()
 
 
-def run_batch_stats(x, running_mean, running_var, momentum):
-    return _backend(x).batch_stats(_walkable(x), running_mean, running_var, momentum)
+def run_batch_stats(x, running_mean, running_var, momentum, num_batches_tracked=None):
+    return _backend(x).batch_stats(_walkable(x), running_mean, running_var, momentum,
+                                   num_batches_tracked)
 
 
 def run_normalize_act(x, mean, var, weight, bias, eps, activation):
@@ -50,15 +53,17 @@ def run_normalize_act_backward(dy, x, mean, var, weight, bias, eps, training, ac
                                               bias, eps, training, activation)
 
 
-@torch.library.custom_op("tritonbn::batch_stats", mutates_args=("running_mean", "running_var"))
+@torch.library.custom_op("tritonbn::batch_stats",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 def batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                momentum: float) -> tuple[Tensor, Tensor]:
+                num_batches_tracked: Optional[Tensor],
+                momentum: Optional[float]) -> tuple[Tensor, Tensor]:
     """(mean, biased var) per channel, float32 (float64 for float64 x)."""
-    return run_batch_stats(x, running_mean, running_var, momentum)
+    return run_batch_stats(x, running_mean, running_var, momentum, num_batches_tracked)
 
 
 @batch_stats.register_fake
-def _(x, running_mean, running_var, momentum):
+def _(x, running_mean, running_var, num_batches_tracked, momentum):
     mean = x.new_empty(x.shape[1], dtype=accumulate_dtype(x.dtype))
     return mean, torch.empty_like(mean)
 
@@ -98,27 +103,44 @@ def _setup_context(ctx, inputs, output):
 
 
 def _gradients(ctx, dy, backward_fn):
+    """(dx, dweight, dbias), None for an absent parameter."""
     x, mean, var, weight, bias = ctx.saved_tensors
     dx, dweight, dbias = backward_fn(dy, x, mean, var, weight, bias, ctx.eps, ctx.training,
                                      ctx.activation)
-    return (dx, None, None, dweight if weight is not None else None,
-            dbias if bias is not None else None, None, None, None)
+    return dx, dweight if weight is not None else None, dbias if bias is not None else None
 
 
-normalize_act.register_autograd(lambda ctx, dy: _gradients(ctx, dy, normalize_act_backward),
-                                setup_context=_setup_context)
+def _normalize_act_backward(ctx, dy):
+    dx, dweight, dbias = _gradients(ctx, dy, normalize_act_backward)
+    return dx, None, None, dweight, dbias, None, None, None
 
 
-class EagerNormalizeAct(torch.autograd.Function):
-    """normalize_act for eager mode: the same implementation and autograd formula as the
-    registered op, minus torch.library's dispatch, whose per-call host cost (tens of
-    microseconds per op) exceeds the kernels' own time on small tensors."""
+normalize_act.register_autograd(_normalize_act_backward, setup_context=_setup_context)
+
+
+class EagerBatchNormAct(torch.autograd.Function):
+    """batch_stats then normalize_act for eager mode, in one autograd node: the same launchers
+    and autograd formula as the registered ops, minus torch.library's dispatch, whose per-call
+    host cost (tens of microseconds per op) exceeds the kernels' own time on small tensors.
+
+    apply(x, weight, bias, state), state = (running_mean, running_var, num_batches_tracked,
+    training, momentum, eps, activation): none of it differentiable, and one argument rather
+    than seven because Function.apply's cost grows with its argument count.
+    """
 
     @staticmethod
-    def forward(ctx, x, mean, var, weight, bias, eps, training, activation):
+    def forward(ctx, x, weight, bias, state):
+        running_mean, running_var, num_batches_tracked, training, momentum, eps, activation = \
+            state
+        backend, walkable = _backend(x), _walkable(x)
+        mean, var = running_mean, running_var
+        if training:
+            mean, var = backend.batch_stats(walkable, running_mean, running_var, momentum,
+                                            num_batches_tracked)
         _setup_context(ctx, (x, mean, var, weight, bias, eps, training, activation), None)
-        return run_normalize_act(x, mean, var, weight, bias, eps, activation)
+        return backend.normalize_act(walkable, mean, var, weight, bias, eps, activation)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
-        return _gradients(ctx, dy, run_normalize_act_backward)
+        return _gradients(ctx, dy, run_normalize_act_backward) + (None,)

@@ -49,9 +49,13 @@ def _affine(x, mean, var, weight, bias, eps):
     return x_mu, rstd, z.to(x.dtype).to(acc), scale
 
 
-def batch_stats(x, running_mean, running_var, momentum: float):
+def batch_stats(x, running_mean, running_var, momentum, num_batches_tracked=None):
     acc = accumulate_dtype(x.dtype)
     var, mean = torch.var_mean(x.to(acc), dim=_reduce_dims(x), correction=0)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is None:  # the cumulative average; 0 without a count, as in nn.BatchNorm
+        momentum = 0.0 if num_batches_tracked is None else 1.0 / float(num_batches_tracked)
     if running_mean is not None:
         count = x.numel() // x.shape[1]
         unbiased = var * count / (count - 1)
