@@ -25,22 +25,29 @@ class _BatchNormActMixin:
     def forward(self, input: Tensor) -> Tensor:
         # nn.BatchNorm's forward, with every check ahead of any state change, and the
         # num_batches_tracked update (and momentum=None's 1 / num_batches_tracked) left to
-        # the statistics kernel on the device. Each attribute is read once: parameters and
-        # buffers go through nn.Module.__getattr__.
+        # the statistics kernel on the device.
         self._check_input_dim(input)
         code = activation_code(self.activation)
-        training, track = self.training, self.track_running_stats
-        running_mean, running_var = self.running_mean, self.running_var
-        weight, bias = self.weight, self.bias
+        weight, bias = _fetch(self, self._parameters, "weight", "bias")
+        running_mean, running_var, tracked = _fetch(self, self._buffers, "running_mean",
+                                                    "running_var", "num_batches_tracked")
+        training = self.training
         bn_training = training or (running_mean is None and running_var is None)
-        tracked = None
-        if training and track:
-            tracked = self.num_batches_tracked
-        elif training:
-            running_mean = running_var = None
+        if not training:
+            tracked = None
+        elif not self.track_running_stats:
+            running_mean = running_var = tracked = None
         check_inputs(input, running_mean, running_var, weight, bias, bn_training)
         return forward_checked(input, running_mean, running_var, weight, bias, bn_training,
                                self.momentum, self.eps, code, tracked)
+
+
+def _fetch(module, registered: dict, *names):
+    """module.<name> for each name, from the dict nn.Module keeps them in: reading them as
+    attributes goes through nn.Module.__getattr__, a microsecond each. A name missing there
+    (a parametrization replaces the parameter with a property) is read as an attribute."""
+    return [registered[name] if name in registered else getattr(module, name)
+            for name in names]
 
 
 class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):

@@ -141,6 +141,13 @@ class EagerBatchNormAct(torch.autograd.Function):
         return backend.normalize_act(walkable, mean, var, weight, bias, eps, activation)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
+        if torch.is_grad_enabled():  # create_graph=True: differentiating this raises
+            return _backward_once_differentiable(ctx, dy)
         return _gradients(ctx, dy, run_normalize_act_backward) + (None,)
+
+
+# The kernels have no backward of their own: a double backward must fail, not drop terms.
+# once_differentiable costs a few microseconds per call, so only create_graph pays for it.
+_backward_once_differentiable = once_differentiable(
+    lambda ctx, dy: _gradients(ctx, dy, run_normalize_act_backward) + (None,))
