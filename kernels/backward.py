@@ -2,8 +2,9 @@
 
 Training takes two launches and five passes over memory: a split reduction reads x and dy for
 sum(g) and sum(g * (x - mean)) per channel, its last programs merge the partials into dweight
-and dbias (merge.py), and a dx pass reads x and dy again and writes dx. The pre-activation z is never stored: recomputing
-it costs a few FMAs per element, storing it a whole extra write and read.
+and dbias (merge.py), and a dx pass reads x and dy again and writes dx. The pre-activation z
+is never stored: recomputing it costs a few FMAs per element, storing it a whole extra write
+and read.
 With frozen statistics (eval) dx = g * weight * rstd needs no reduction, so the reduction pass
 writes dx itself: one launch, three passes.
 """

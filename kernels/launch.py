@@ -99,3 +99,21 @@ class CachedLaunch:
         grid = tuple(bound.grid) + (1,) * (3 - len(bound.grid))
         self._compiled[key] = (kernel, grid, bound.ints,
                                tuple(bound.constexprs[param.name] for param in tail_params))
+
+
+def launches_in(fn) -> int:
+    """The number of CachedLaunch launches one call of fn makes (for tests and perf scripts)."""
+    count = 0
+    original = CachedLaunch.launch
+
+    def counted(self, *args):
+        nonlocal count
+        count += 1
+        return original(self, *args)
+
+    CachedLaunch.launch = counted
+    try:
+        fn()
+    finally:
+        CachedLaunch.launch = original
+    return count

@@ -11,8 +11,9 @@ mergers adds up the group rows. Each level reads at most GROUP rows (GROUP ~ sqr
 Counters and partials live in buffers kept per (device, stream) (workspace()), so a call
 allocates neither. The counters are all zero between launches: each last arriver stores 0
 back, so no memset is launched per call and CUDA-graph replays find them zeroed. Launches on
-one stream run one after another and may share the buffers; another stream gets its own. Under Triton's interpreter programs run one after another and
-atomics work, so the same code runs in CPU tests.
+one stream run one after another and may share the buffers; another stream gets its own.
+Under Triton's interpreter programs run one after another and atomics work, so the same code
+runs in CPU tests.
 """
 import math
 

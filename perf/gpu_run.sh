@@ -68,7 +68,7 @@ if [[ $step == extras ]]; then
     (( PIPESTATUS[0] == 0 )) || status=1
     python perf/convergence.py --device cuda --out-dir "$out" 2>&1 | tee "$out/convergence.log"
     (( PIPESTATUS[0] == 0 )) || status=1
-    python perf/host_overhead.py 2>&1 | tee "$out/host.log"
+    python perf/host_overhead.py --stack 2>&1 | tee "$out/host.log"
     (( PIPESTATUS[0] == 0 )) || status=1
 fi
 

@@ -89,24 +89,6 @@ def stub_launches():
                 value.jit_fn = _StubJit(value.jit_fn)
 
 
-def launches_in(fn) -> int:
-    """Triton launches made by one call of fn."""
-    count = 0
-    original = launch.CachedLaunch.launch
-
-    def counted(self, *args):
-        nonlocal count
-        count += 1
-        return original(self, *args)
-
-    launch.CachedLaunch.launch = counted
-    try:
-        fn()
-    finally:
-        launch.CachedLaunch.launch = original
-    return count
-
-
 def microseconds_per_call(fn, calls: int) -> float:
     if ON_GPU:
         torch.cuda.synchronize()
@@ -247,7 +229,7 @@ def main():
     dy = torch.randn_like(x)
     ours = tritonbn.BatchNormAct2d(64, device=device)
     ours.train()
-    launches = launches_in(fwd_bwd(ours, ours, x, dy)[1])
+    launches = launch.launches_in(fwd_bwd(ours, ours, x, dy)[1])
     print(f"32x64x56x56 channels_last, us per call; {launches} launches per training "
           f"forward+backward")
     providers = {"tritonbn": (ours, ours)}

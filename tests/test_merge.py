@@ -7,25 +7,9 @@ import pytest
 import torch
 
 import tritonbn
-from tritonbn.kernels import launch, merge, tiling
+from tritonbn.kernels import merge, tiling
+from tritonbn.kernels.launch import launches_in
 from conftest import (DEVICE, float64_bn_act, gpu_only, make_input, make_params, max_err)
-
-
-def launches_in(fn) -> int:
-    count = 0
-    original = launch.CachedLaunch.launch
-
-    def counted(self, *args):
-        nonlocal count
-        count += 1
-        return original(self, *args)
-
-    launch.CachedLaunch.launch = counted
-    try:
-        fn()
-    finally:
-        launch.CachedLaunch.launch = original
-    return count
 
 
 @pytest.mark.parametrize("training, forward_launches", [(True, 2), (False, 1)],
