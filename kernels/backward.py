@@ -84,8 +84,7 @@ def _grad_reduce_kernel(
             if WRITE_DX:
                 store_tile(dx_ptr, g * scale, mask, n0, s0, c, stride_dxn, stride_dxs,
                            stride_dxc, BLOCK_N, BLOCK_S, INT64)
-    counters = counter_ptr + tl.program_id(0) * (tl.cdiv(SPLITS, GROUP) + 1)
-    done, dbias, sum_gx = merge_partials(partial_ptr, counters, channel_sum(acc_g),
+    done, dbias, sum_gx = merge_partials(partial_ptr, counter_ptr, channel_sum(acc_g),
                                          channel_sum(acc_gx), c, c_mask, C, SPLITS, GROUP, ACC,
                                          BLOCK_ROWS, BLOCK_C)
     if done:

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .activations import activation
 from .launch import CachedLaunch, Launch
-from .merge import arrive, merge_partials, workspace
+from .merge import arrive_last_block, merge_partials, workspace
 from .tiling import (channel_sum, load_tile, make_plan, program_channels, program_rows,
                      store_tile, strides_ncs)
 
@@ -60,8 +60,7 @@ def _batch_stats_kernel(
             d = tl.where(mask, x.to(ACC) - shift[None, None, :], 0.0)
             acc_d += d
             acc_d2 += d * d
-    counters = counter_ptr + tl.program_id(0) * (tl.cdiv(SPLITS, GROUP) + 1)
-    done, sum_d, sum_d2 = merge_partials(partial_ptr, counters, channel_sum(acc_d),
+    done, sum_d, sum_d2 = merge_partials(partial_ptr, counter_ptr, channel_sum(acc_d),
                                          channel_sum(acc_d2), c, c_mask, C, SPLITS, GROUP, ACC,
                                          BLOCK_ROWS, BLOCK_C)
     if done:  # one program per channel block: the statistics of its channels
@@ -89,8 +88,7 @@ def _batch_stats_kernel(
                      mask=c_mask)
     if COUNT_BATCH:
         # Every channel block's merger has read the count once the last of them arrives here.
-        blocks = tl.num_programs(0)
-        if arrive(counter_ptr + blocks * (tl.cdiv(SPLITS, GROUP) + 1), blocks, done):
+        if arrive_last_block(counter_ptr, SPLITS, GROUP, done):
             tl.store(tracked_ptr, tl.load(tracked_ptr) + 1)
 
 

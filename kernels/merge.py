@@ -59,12 +59,14 @@ def merge_partials(partial_ptr, counter_ptr, first, second, c, c_mask, C, SPLITS
                    ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """Store this program's [BLOCK_C] partials `first` and `second` and merge every program's.
 
-    partial_ptr: [2, SPLITS + cdiv(SPLITS, GROUP), C] scratch; counter_ptr: this channel
-    block's cdiv(SPLITS, GROUP) + 1 counters. Returns (done, first_total, second_total): done
-    is True in exactly one program of the channel block, the one whose totals are valid.
+    partial_ptr: [2, SPLITS + cdiv(SPLITS, GROUP), C] scratch; counter_ptr: the launch's
+    counters, cdiv(SPLITS, GROUP) + 1 per channel block and one more (arrive_last_block).
+    Returns (done, first_total, second_total): done is True in exactly one program of the
+    channel block, the one whose totals are valid.
     """
     split = tl.program_id(1)
     groups = tl.cdiv(SPLITS, GROUP)
+    counter_ptr += tl.program_id(0) * (groups + 1)
     rows = SPLITS + groups
     half = rows * C
     tl.store(partial_ptr + split * C + c, first, mask=c_mask)
@@ -84,6 +86,14 @@ def merge_partials(partial_ptr, counter_ptr, first, second, c, c_mask, C, SPLITS
         first_total, second_total = sum_rows(partial_ptr, SPLITS, groups, half, c, c_mask, C,
                                              ACC, BLOCK_ROWS, BLOCK_C)
     return done, first_total, second_total
+
+
+@triton.jit
+def arrive_last_block(counter_ptr, SPLITS, GROUP, done):
+    """Called with merge_partials' `done` after using the totals: True in the one program of
+    the launch whose channel block is the last to finish its merge."""
+    blocks = tl.num_programs(0)
+    return arrive(counter_ptr + blocks * (tl.cdiv(SPLITS, GROUP) + 1), blocks, done)
 
 
 def merge_geometry(splits: int, block_c: int) -> tuple[int, int]:

@@ -91,7 +91,7 @@ class Plan:
             return 0, stride_c, stride_s
         return stride_n, stride_c, stride_s
 
-    @functools.cached_property
+    @property
     def tiles(self) -> dict:
         """The constexpr tile arguments and num_warps of every kernel walking this plan."""
         return dict(BLOCK_N=self.block_n, BLOCK_S=self.block_s, BLOCK_C=self.block_c,

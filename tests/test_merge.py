@@ -9,7 +9,8 @@ import torch
 import tritonbn
 from tritonbn.kernels import merge, tiling
 from tritonbn.kernels.launch import launches_in
-from conftest import (DEVICE, float64_bn_act, gpu_only, make_input, make_params, max_err)
+from conftest import (DEVICE, float64_bn_act, gpu_only, make_input, make_params, max_err,
+                      memory_format)
 
 
 @pytest.mark.parametrize("training, forward_launches", [(True, 2), (False, 1)],
@@ -31,7 +32,7 @@ def step(shape, layout, seed, momentum=0.1):
     """One training forward+backward of a fresh module on seeded inputs: every output."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 1
-    x = x.float().to(DEVICE).contiguous(memory_format=tiling_format(layout, len(shape)))
+    x = x.float().to(DEVICE).contiguous(memory_format=memory_format(layout, len(shape)))
     x.requires_grad_()
     dy = torch.randn(shape, generator=generator).to(DEVICE)
     m = tritonbn.BatchNormAct2d(shape[1], momentum=momentum, device=DEVICE)
@@ -40,10 +41,6 @@ def step(shape, layout, seed, momentum=0.1):
     y = m(x)
     dx, dweight, dbias = torch.autograd.grad(y, (x, m.weight, m.bias), dy)
     return y, dx, dweight, dbias, m.running_mean, m.running_var, m.num_batches_tracked
-
-
-def tiling_format(layout, ndim):
-    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
 
 def test_bitwise_repeatable_with_shapes_interleaved(monkeypatch):

@@ -143,11 +143,14 @@ class EagerBatchNormAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         if torch.is_grad_enabled():  # create_graph=True: differentiating this raises
-            return _backward_once_differentiable(ctx, dy)
-        return _gradients(ctx, dy, run_normalize_act_backward) + (None,)
+            return _eager_backward_once_differentiable(ctx, dy)
+        return _eager_backward(ctx, dy)
+
+
+def _eager_backward(ctx, dy):
+    return _gradients(ctx, dy, run_normalize_act_backward) + (None,)
 
 
 # The kernels have no backward of their own: a double backward must fail, not drop terms.
 # once_differentiable costs a few microseconds per call, so only create_graph pays for it.
-_backward_once_differentiable = once_differentiable(
-    lambda ctx, dy: _gradients(ctx, dy, run_normalize_act_backward) + (None,))
+_eager_backward_once_differentiable = once_differentiable(_eager_backward)
