@@ -80,6 +80,7 @@ def test_gradients_match_pytorch_module():
             assert (g - e).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("activation", ["identity", "sigmoid", "relu"])
 def test_gradcheck_float64(activation, training):

@@ -127,6 +127,7 @@ def _specialisation(args, kwargs):
             tuple(sorted(kwargs.items())))
 
 
+@pytest.mark.slow
 def test_launcher_keys_separate_what_triton_specialises_on(monkeypatch):
     """Run the launchers over shapes, layouts, dtypes and flags, recording for each cache key
     what Triton would specialise on: one key must never stand for two specialisations."""
