@@ -81,7 +81,8 @@ _DROP_RATES = {"torch.nn.modules.dropout.Dropout": "p",
 # Activation -> its name and the parameters it takes after the input, in order.
 _ACTIVATION_MODULES = {
     nn.ReLU: ("relu", ()), nn.ReLU6: ("relu6", ()),
-    nn.LeakyReLU: ("leaky_relu", ("negative_slope",)), nn.ELU: ("elu", ("alpha",)), nn.SiLU: ("silu", ()), nn.Hardswish: ("hardswish", ()),
+    nn.LeakyReLU: ("leaky_relu", ("negative_slope",)), nn.ELU: ("elu", ("alpha",)),
+    nn.SiLU: ("silu", ()), nn.Hardswish: ("hardswish", ()),
     nn.Hardsigmoid: ("hardsigmoid", ()), nn.GELU: ("gelu", ("approximate",)),
     nn.Mish: ("mish", ()), nn.Sigmoid: ("sigmoid", ()), nn.Tanh: ("tanh", ()),
 }
@@ -131,16 +132,17 @@ def call_with_residual(bn: nn.Module, input: Tensor, residual: Tensor) -> Tensor
 
 
 class _Tracer(fx.Tracer):
-    """fx's default tracer that also keeps as leaves tritonbn's own modules (so an already
-    converted model traces, and converts again to itself), timm's BatchNormAct2d, and the
-    stochastic drop modules, whose forward depends on the mode."""
+    """fx's default tracer that also keeps as leaves every BatchNorm (subclasses too, whose
+    forward fx cannot trace: it checks the input's dims), tritonbn's own modules (so an already
+    converted model converts again to itself), and the stochastic drop modules, whose forward
+    depends on the mode."""
 
     def __init__(self):
         super().__init__(autowrap_functions=(call_with_residual,))
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return (isinstance(module, tuple(_FUSED_CLASSES.values()))
-                or _class_name(module) in (_TIMM_BATCHNORM_ACT, *_DROP_RATES)
+        return (isinstance(module, nn.modules.batchnorm._BatchNorm)
+                or _class_name(module) in _DROP_RATES
                 or super().is_leaf_module(module, qualified_name))
 
 
@@ -185,7 +187,7 @@ def fuse_bn_act(model: nn.Module) -> nn.Module:
 
     calls = _batchnorm_calls(root, graph)
     routes, refused = _plan(root, calls)
-    fused_pairs = []
+    fused_pairs, fused_nodes = [], {}
     for target, nodes in calls.items():
         if target in refused:
             continue
@@ -194,7 +196,7 @@ def fuse_bn_act(model: nn.Module) -> nn.Module:
         fused_class = _fused_class(bn)
         _replace_submodule(root, target, _fused_module(bn, fused_class, first))
         for node in nodes:
-            pair = _rewrite(graph, routes[node])
+            pair = _rewrite(graph, routes[node], fused_nodes)
             fused_pairs.append(pair)
             logger.info("fuse_bn_act: fused %s into %s(activation=%s)",
                         " + ".join(filter(None, pair)), fused_class.__name__, first.activation)
@@ -226,14 +228,13 @@ def _fused_class(module: nn.Module):
 
 
 def _batchnorm_calls(root: nn.Module, graph: fx.Graph) -> dict[str, list[fx.Node]]:
-    """Calls of BatchNorm modules, grouped by module path, in graph order. A subclass of
-    BatchNorm traced through has no call; one kept as a leaf is listed, and refused."""
+    """Calls of BatchNorm modules other than tritonbn's, grouped by module path, in graph
+    order."""
+    paths = {name for name, _ in _batchnorm_modules(root)}
     calls: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
-        if node.op == "call_module":
-            module = root.get_submodule(node.target)
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                calls.setdefault(node.target, []).append(node)
+        if node.op == "call_module" and node.target in paths:
+            calls.setdefault(node.target, []).append(node)
     return calls
 
 
@@ -470,9 +471,10 @@ def _writes_in_place(root: nn.Module, node: fx.Node) -> bool:
     return name.endswith("_") and not name.endswith("__")
 
 
-def _rewrite(graph: fx.Graph, route: _Route) -> FusedPair:
+def _rewrite(graph: fx.Graph, route: _Route, fused_nodes: dict) -> FusedPair:
     """Replace route's BatchNorm call and the nodes it fuses with one call of the (already
-    swapped in) BatchNormAct module."""
+    swapped in) BatchNormAct module. fused_nodes maps each node replaced so far to its
+    replacement (a residual may be one), and gains this route's."""
     bn_node = route.bn
     (input,) = [*bn_node.args, *bn_node.kwargs.values()]
     pair = FusedPair(bn_node.target, route.consumer,
@@ -483,9 +485,11 @@ def _rewrite(graph: fx.Graph, route: _Route) -> FusedPair:
     else:
         with graph.inserting_before(route.add):
             module = graph.get_attr(bn_node.target)
-            fused = graph.call_function(call_with_residual, (module, input, route.residual))
+            residual = fused_nodes.get(route.residual, route.residual)
+            fused = graph.call_function(call_with_residual, (module, input, residual))
     last = route.replaced[-1] if route.replaced else bn_node
     last.replace_all_uses_with(fused)
+    fused_nodes[last] = fused
     for node in reversed([bn_node, *route.replaced]):
         graph.erase_node(node)
     return pair
