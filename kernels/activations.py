@@ -1,35 +1,151 @@
-"""Activations fused after the affine transform, chosen at compile time by a constexpr code.
+"""The fused activations and their derivatives, picked at compile time by a constexpr code
+(the codes and their names: tritonbn/activations.py; the derivatives: docs/DESIGN.md).
 
-The forward rounds z to the input dtype before the activation, so that the result equals eager
-BatchNorm (which writes z in the input dtype) followed by a separate activation module.
+Each follows PyTorch's own CUDA kernel: the same formula, the same side of every kink (relu6's
+gradient is 0 at 0 and at 6, hardswish's is 0 at -3), NaN passing through. Eager rounds
+BatchNorm's output to the input dtype before a separate activation runs, and rounds the
+activation's gradient before BatchNorm's backward reads it: the callers round z and g through
+the input dtype at the same places, so float16/bfloat16 results round as eager's do.
+
+Only tl.math runs under the interpreter, so tanh, log1p and expm1 are built from exp and log
+here, accurate to a few ulps (libdevice's versions are not available there).
 """
 import triton
 import triton.language as tl
 
-ACTIVATIONS = {"identity": 0, "relu": 1, "sigmoid": 2}
+from tritonbn import activations as codes
+
+IDENTITY = tl.constexpr(codes.IDENTITY)
+RELU = tl.constexpr(codes.RELU)
+SIGMOID = tl.constexpr(codes.SIGMOID)
+RELU6 = tl.constexpr(codes.RELU6)
+LEAKY_RELU = tl.constexpr(codes.LEAKY_RELU)
+ELU = tl.constexpr(codes.ELU)
+SILU = tl.constexpr(codes.SILU)
+HARDSWISH = tl.constexpr(codes.HARDSWISH)
+HARDSIGMOID = tl.constexpr(codes.HARDSIGMOID)
+GELU = tl.constexpr(codes.GELU)
+GELU_TANH = tl.constexpr(codes.GELU_TANH)
+MISH = tl.constexpr(codes.MISH)
+TANH = tl.constexpr(codes.TANH)
+
+# Constants go on the right of a product: the interpreter cannot multiply constexpr * tensor.
+SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+GELU_KAPPA = tl.constexpr(0.044715)
+# PyTorch's hardsigmoid backward multiplies by 1/6 rounded to float32, in every dtype (its
+# CPU forward divides by 6, its CUDA forward multiplies by this: the forward here divides).
+ONE_SIXTH = tl.constexpr(0.1666666716337204)
 
 
 @triton.jit
-def activation(z, OUT_DTYPE: tl.constexpr, ACTIVATION: tl.constexpr):
-    """act(z) with z rounded to OUT_DTYPE first where that changes the result."""
-    if ACTIVATION == 1:
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _log1p(u):
+    """log(1 + u), accurate for tiny u: the rounding of 1 + u cancels in the ratio."""
+    w = 1.0 + u
+    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+
+
+@triton.jit
+def _expm1(z):
+    """exp(z) - 1, accurate near 0 for the same reason as _log1p."""
+    u = tl.exp(z)
+    return tl.where(u == 1.0, z, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * (z / tl.log(u))))
+
+
+@triton.jit
+def _tanh(z):
+    """tanh(z) = -expm1(-2|z|) / (2 + expm1(-2|z|)), with z's sign: accurate near 0 too."""
+    m = _expm1(-2.0 * tl.abs(z))
+    t = -m / (2.0 + m)
+    return tl.where(z < 0, -t, t)
+
+
+@triton.jit
+def _softplus(z):
+    """log(1 + exp(z)) without overflow or cancellation."""
+    return tl.maximum(z, 0.0) + _log1p(tl.exp(-tl.abs(z)))
+
+
+@triton.jit
+def _clip6(u):
+    """min(max(u, 0), 6), letting NaN through."""
+    return tl.where(u < 0.0, 0.0, tl.where(u > 6.0, 6.0, u))
+
+
+@triton.jit
+def activation(z, param, ACTIVATION: tl.constexpr):
+    """act(z) for z already rounded as eager would have stored it."""
+    if ACTIVATION == RELU:
         # where(z < 0) rather than maximum: NaN must pass through, as torch.relu lets it.
         return tl.where(z < 0, 0.0, z)
-    elif ACTIVATION == 2:
-        z = z.to(OUT_DTYPE).to(z.dtype)
-        return 1.0 / (1.0 + tl.exp(-z))
+    elif ACTIVATION == SIGMOID:
+        return _sigmoid(z)
+    elif ACTIVATION == RELU6:
+        return _clip6(z)
+    elif ACTIVATION == LEAKY_RELU:
+        return tl.where(z > 0, z, z * param)
+    elif ACTIVATION == ELU:
+        return tl.where(z > 0, z, param * _expm1(z))
+    elif ACTIVATION == SILU:
+        return z * _sigmoid(z)
+    elif ACTIVATION == HARDSWISH:
+        return z * _clip6(z + 3.0) / 6.0
+    elif ACTIVATION == HARDSIGMOID:
+        return _clip6(z + 3.0) / 6.0
+    elif ACTIVATION == GELU:
+        return 0.5 * z * (1.0 + tl.math.erf(z * SQRT1_2))
+    elif ACTIVATION == GELU_TANH:
+        return 0.5 * z * (1.0 + _tanh((z + z * z * z * GELU_KAPPA) * SQRT_2_OVER_PI))
+    elif ACTIVATION == MISH:
+        return z * _tanh(_softplus(z))
+    elif ACTIVATION == TANH:
+        return _tanh(z)
     else:
         return z
 
 
 @triton.jit
-def activation_grad(z, dy, OUT_DTYPE: tl.constexpr, ACTIVATION: tl.constexpr):
-    """dy * act'(z); for sigmoid the product is rounded to OUT_DTYPE as eager's backward does."""
-    if ACTIVATION == 1:
-        return tl.where(z > 0, dy, 0.0)
-    elif ACTIVATION == 2:
-        z = z.to(OUT_DTYPE).to(z.dtype)
-        s = (1.0 / (1.0 + tl.exp(-z))).to(OUT_DTYPE).to(z.dtype)
-        return (dy * s * (1.0 - s)).to(OUT_DTYPE).to(z.dtype)
+def activation_grad(z, dy, param, OUT_DTYPE: tl.constexpr, ACTIVATION: tl.constexpr):
+    """dy * act'(z) for z as activation() took it. Where eager's backward works from the
+    activation's output (sigmoid, tanh) that output is rounded to OUT_DTYPE first. The
+    comparisons are eager's own, so a NaN z picks the same branch as there."""
+    if ACTIVATION == RELU:
+        return tl.where(z <= 0, 0.0, dy)
+    elif ACTIVATION == SIGMOID:
+        s = _sigmoid(z).to(OUT_DTYPE).to(z.dtype)
+        return dy * s * (1.0 - s)
+    elif ACTIVATION == RELU6:
+        return tl.where((z <= 0.0) | (z >= 6.0), 0.0, dy)
+    elif ACTIVATION == LEAKY_RELU:
+        return tl.where(z > 0, dy, dy * param)
+    elif ACTIVATION == ELU:
+        return tl.where(z <= 0, dy * param * tl.exp(z), dy)
+    elif ACTIVATION == SILU:
+        s = _sigmoid(z)
+        return dy * s * (1.0 + z * (1.0 - s))
+    elif ACTIVATION == HARDSWISH:
+        return tl.where(z <= -3.0, 0.0, tl.where(z < 3.0, dy * (z / 3.0 + 0.5), dy))
+    elif ACTIVATION == HARDSIGMOID:
+        return tl.where((z > -3.0) & (z < 3.0), dy * ONE_SIXTH, 0.0)
+    elif ACTIVATION == GELU:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * SQRT1_2))
+        pdf = tl.exp(-0.5 * z * z) * INV_SQRT_2PI
+        return dy * (cdf + z * pdf)
+    elif ACTIVATION == GELU_TANH:
+        t = _tanh((z + z * z * z * GELU_KAPPA) * SQRT_2_OVER_PI)
+        slope = (1.0 + z * z * (3.0 * GELU_KAPPA)) * SQRT_2_OVER_PI
+        return dy * (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * slope)
+    elif ACTIVATION == MISH:
+        t = _tanh(_softplus(z))
+        return dy * (t + z * _sigmoid(z) * (1.0 - t * t))
+    elif ACTIVATION == TANH:
+        t = _tanh(z).to(OUT_DTYPE).to(z.dtype)
+        return dy * (1.0 - t * t)
     else:
         return dy

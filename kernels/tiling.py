@@ -35,29 +35,6 @@ INT32_LIMIT = 2**31
 INTERPRETER_SMS = 1
 
 
-def strides_ncs(t: torch.Tensor):
-    """(stride_n, stride_c, stride_s) viewing t as (N, C, S), or None if its spatial dims
-    do not collapse into one evenly strided axis."""
-    shape, strides = t.shape, t.stride()
-    try:
-        return _collapse_cached(shape, strides)
-    except TypeError:  # symbolic sizes (fake tensors under torch.compile) do not hash
-        return _collapse(shape, strides)
-
-
-def _collapse(shape, strides):
-    spatial = [(size, stride) for size, stride in zip(shape[2:], strides[2:]) if size != 1]
-    for (_, outer), (size, inner) in zip(spatial, spatial[1:]):
-        if outer != inner * size:
-            return None
-    # With no spatial extent, rows are the batch: flattened rows then always step by stride_s.
-    stride_s = spatial[-1][1] if spatial else strides[0]
-    return strides[0], strides[1], stride_s
-
-
-_collapse_cached = functools.lru_cache(maxsize=4096)(_collapse)
-
-
 @dataclass(frozen=True, eq=False)
 class Plan:
     """A launch geometry shared by every kernel that walks the same tensors. Plans come from
@@ -178,7 +155,7 @@ def program_channels(C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def tile_offsets(n0, s0, c, stride_n, stride_s, stride_c, BLOCK_N: tl.constexpr,
+def tile_offsets(n0, s0, c, stride_n, stride_c, stride_s, BLOCK_N: tl.constexpr,
                  BLOCK_S: tl.constexpr, INT64: tl.constexpr):
     """Element offsets of the [BLOCK_N, BLOCK_S, BLOCK_C] tile whose first row is (n0, s0)."""
     n = n0 + tl.arange(0, BLOCK_N)
@@ -198,18 +175,18 @@ def tile_mask(n0, s0, n_hi, s_hi, c_mask, BLOCK_N: tl.constexpr, BLOCK_S: tl.con
 
 
 @triton.jit
-def load_tile(ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_n, stride_s, stride_c,
+def load_tile(ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_n, stride_c, stride_s,
               BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
     """(values, mask) of the tile at (n0, s0); masked-out lanes read 0."""
     mask = tile_mask(n0, s0, n_hi, s_hi, c_mask, BLOCK_N, BLOCK_S)
-    offs = tile_offsets(n0, s0, c, stride_n, stride_s, stride_c, BLOCK_N, BLOCK_S, INT64)
+    offs = tile_offsets(n0, s0, c, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_S, INT64)
     return tl.load(ptr + offs, mask=mask, other=0.0), mask
 
 
 @triton.jit
-def store_tile(ptr, values, mask, n0, s0, c, stride_n, stride_s, stride_c,
+def store_tile(ptr, values, mask, n0, s0, c, stride_n, stride_c, stride_s,
                BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
-    offs = tile_offsets(n0, s0, c, stride_n, stride_s, stride_c, BLOCK_N, BLOCK_S, INT64)
+    offs = tile_offsets(n0, s0, c, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_S, INT64)
     tl.store(ptr + offs, values.to(ptr.dtype.element_ty), mask=mask)
 
 

@@ -47,7 +47,7 @@ if not ON_GPU:
 import triton.language as tl  # noqa: E402
 
 import tritonbn  # noqa: E402
-from tritonbn import kernels  # noqa: E402
+from tritonbn import activations, kernels  # noqa: E402
 from tritonbn.kernels import backward, forward, launch  # noqa: E402
 
 STACK_PAIRS = 33  # as many as fuse_bn_act finds in ResNet-50
@@ -183,14 +183,15 @@ def launcher_times(module, x, dy, calls: int, repeats: int) -> dict:
     xd = x.detach()
     mean, var = kernels.batch_stats(xd, None, None, 0.1)
     weight, bias = module.weight, module.bias
-    relu = kernels.ACTIVATIONS["relu"]
+    relu = activations.RELU
     y = module(x)
     return interleaved_medians({
         "batch_stats": lambda: kernels.batch_stats(xd, module.running_mean,
                                                    module.running_var, 0.1),
-        "normalize_act": lambda: kernels.normalize_act(xd, mean, var, weight, bias, 1e-5, relu),
+        "normalize_act": lambda: kernels.normalize_act(xd, mean, var, weight, bias, None, 1e-5,
+                                                         relu, 0.0),
         "normalize_act_backward": lambda: kernels.normalize_act_backward(
-            dy, xd, mean, var, weight, bias, 1e-5, True, relu),
+            dy, xd, mean, var, weight, bias, None, 1e-5, True, relu, 0.0),
         "autograd backward alone": lambda: torch.autograd.grad(y, (x, weight, bias), dy,
                                                                retain_graph=True),
     }, calls, repeats)

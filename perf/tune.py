@@ -12,6 +12,8 @@ import torch
 from triton.testing import do_bench
 
 from tritonbn import kernels
+from tritonbn.activations import RELU
+from tritonbn.layout import strides_ncs
 from tritonbn.kernels import tiling
 
 SHAPES = [((128, 256, 56, 56), torch.bfloat16, torch.channels_last),
@@ -36,9 +38,10 @@ def time_launchers(x):
     rm, rv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
     mean, var = kernels.batch_stats(x, rm, rv, 0.1)
     runs = (("stats", lambda: kernels.batch_stats(x, rm, rv, 0.1), 1),
-            ("normalize", lambda: kernels.normalize_act(x, mean, var, w, b, 1e-5, 1), 2),
-            ("backward", lambda: kernels.normalize_act_backward(dy, x, mean, var, w, b, 1e-5,
-                                                                True, 1), 5))
+            ("normalize", lambda: kernels.normalize_act(x, mean, var, w, b, None, 1e-5, RELU,
+                                                        0.0), 2),
+            ("backward", lambda: kernels.normalize_act_backward(dy, x, mean, var, w, b, None,
+                                                                1e-5, True, RELU, 0.0), 5))
     for name, fn, passes in runs:
         ms = do_bench(fn)
         yield name, ms, passes * x.numel() * x.element_size() / ms / 1e6
@@ -53,7 +56,7 @@ def main():
         x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
         cells = [f"{name} {ms:.3f} ms {100 * gbps / copy_gbps:3.0f}%"
                  for name, ms, gbps in time_launchers(x)]
-        plan = tiling.make_plan(x, tiling.strides_ncs(x))
+        plan = tiling.make_plan(x, strides_ncs(x))
         print(f"{str(shape):20s} {str(dtype)[6:]:9s} tile={tile:5d} warps={warps:2d} "
               f"per_sm={per_sm:2d} blocks=({plan.block_n},{plan.block_s},{plan.block_c}) "
               f"splits={plan.splits:4d} | " + " | ".join(cells), flush=True)

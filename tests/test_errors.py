@@ -76,14 +76,46 @@ def test_eval_needs_running_stats():
 
 
 def test_unknown_activation_lists_the_supported_ones():
-    with pytest.raises(ValueError, match="identity, relu, sigmoid"):
-        tritonbn.BatchNormAct2d(3, activation="gelu")
-    with pytest.raises(ValueError, match="identity, relu, sigmoid"):
-        tritonbn.bn_act(make_input((4, 3)), None, None, training=True, activation="tanh")
+    listed = ", ".join(tritonbn.SUPPORTED_ACTIVATIONS)
+    with pytest.raises(ValueError, match=listed):
+        tritonbn.BatchNormAct2d(3, activation="swish")
+    with pytest.raises(ValueError, match=listed):
+        tritonbn.bn_act(make_input((4, 3)), None, None, training=True, activation="softplus")
+
+
+@pytest.mark.parametrize("activation, kwargs, message", [
+    ("relu", {"inplace": True}, "takes no keyword arguments; got inplace"),
+    ("leaky_relu", {"alpha": 0.1}, "takes negative_slope; got alpha"),
+    ("gelu", {"approximate": "erf"}, "approximate must be one of 'none', 'tanh'"),
+    ("elu", {"alpha": "big"}, "alpha must be a number"),
+])
+def test_bad_activation_kwargs(activation, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tritonbn.BatchNormAct1d(3, activation=activation, activation_kwargs=kwargs)
+    with pytest.raises(ValueError, match=message):
+        tritonbn.bn_act(make_input((4, 3)), None, None, training=True, activation=activation,
+                        activation_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (lambda x: x[:, :2], ValueError, "residual must have the input's shape"),
+    (lambda x: x.double(), TypeError, "residual must have the input's dtype"),
+    (lambda x: x.to("meta"), ValueError, "on one device"),
+    (lambda x: x.tolist(), TypeError, "residual must be a Tensor"),
+])
+def test_bad_residual_changes_nothing(bad, error, message):
+    m = tritonbn.BatchNormAct2d(3, device=DEVICE).train()
+    before = module_state(m)
+    x = make_input((2, 3, 4, 5))
+    with pytest.raises(error, match=message):
+        m(x, bad(make_input((2, 3, 4, 5))))
+    for name, value in m.state_dict().items():
+        assert torch.equal(value, before[name]), name
 
 
 @pytest.mark.parametrize("training", [True, False])
 def test_empty_batch(training):
+    """As nn.BatchNorm2d: an empty output, statistics untouched, and a batch counted."""
     m = tritonbn.BatchNormAct2d(3, device=DEVICE).train(training)
     before = module_state(m)
     x = make_input((0, 3, 4, 4), requires_grad=True)
@@ -91,4 +123,5 @@ def test_empty_batch(training):
     assert y.shape == x.shape
     y.sum().backward()
     for name, value in m.state_dict().items():
-        assert torch.equal(value, before[name]), name
+        expected = before[name] + 1 if name == "num_batches_tracked" and training else before[name]
+        assert torch.equal(value, expected), name

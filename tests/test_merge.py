@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tritonbn
+from tritonbn.layout import strides_ncs
 from tritonbn.kernels import merge, tiling
 from tritonbn.kernels.launch import launches_in
 from conftest import (DEVICE, float64_bn_act, gpu_only, make_input, make_params, max_err,
@@ -70,7 +71,7 @@ def test_two_level_merge_with_a_ragged_last_group(monkeypatch, sms):
     tiling._plan.cache_clear()
     try:
         x = make_input((37, 2, 3, 5), offset=3.0, requires_grad=True)
-        plan = tiling.make_plan(x.detach(), tiling.strides_ncs(x))
+        plan = tiling.make_plan(x.detach(), strides_ncs(x))
         groups = -(-plan.splits // plan.group)
         assert groups > 2 and plan.splits % plan.group, (plan.splits, plan.group)
         weight, bias, running_mean, running_var = make_params(2)

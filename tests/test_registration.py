@@ -11,31 +11,42 @@ from torch import nn
 
 import tritonbn
 from tritonbn import kernels, ops, reference
+from tritonbn.activations import activation_spec
 from conftest import DEVICE, ON_GPU, make_input, make_params
 
 
-def op_samples():
-    """(op, args) covering training and eval, with and without affine parameters."""
-    for shape, layout in (((3, 4, 5, 2), "channels_last"), ((5, 3), "contiguous")):
-        C = shape[1]
-        x = make_input(shape, layout=layout)
-        weight, bias, running_mean, running_var = make_params(C)
-        yield ops.batch_stats, (x, running_mean, running_var, None, 0.1)
-        yield ops.batch_stats, (x, None, None, None, 0.1)
-        mean, var = ops.batch_stats(x, None, None, None, 0.1)
-        for training, stats in ((True, (mean, var)), (False, (running_mean, running_var))):
-            for affine in ((weight, bias), (None, None)):
-                leaf = x.clone().requires_grad_()
-                params = [None if p is None else p.clone().requires_grad_() for p in affine]
-                yield ops.normalize_act, (leaf, *stats, *params, 1e-5, training, 2)
-                yield ops.normalize_act_backward, (torch.randn_like(x), x, *stats, *affine,
-                                                   1e-5, training, 1)
+SHAPES = {"4d-channels_last": ((3, 4, 5, 2), "channels_last"), "2d": ((5, 3), "contiguous")}
 
 
-@pytest.mark.parametrize("sample", range(sum(1 for _ in op_samples())))
-def test_opcheck(sample):
-    op, args = list(op_samples())[sample]
-    torch.library.opcheck(op, args)
+@pytest.mark.parametrize("running", [True, False], ids=["running", "no-running"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_opcheck_batch_stats(shape, running):
+    shape, layout = SHAPES[shape]
+    x = make_input(shape, layout=layout)
+    _, _, running_mean, running_var = make_params(shape[1])
+    stats = (running_mean, running_var) if running else (None, None)
+    torch.library.opcheck(ops.batch_stats, (x, *stats, None, 0.1))
+
+
+@pytest.mark.parametrize("affine, residual", [(True, False), (False, False), (True, True)],
+                         ids=["affine", "no-affine", "residual"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_opcheck_normalize_act(shape, training, affine, residual):
+    """Both differentiable ops, with a parametrised activation (leaky_relu's slope)."""
+    shape, layout = SHAPES[shape]
+    x = make_input(shape, layout=layout)
+    weight, bias, running_mean, running_var = make_params(shape[1])
+    stats = (ops.batch_stats(x, None, None, None, 0.1) if training
+             else (running_mean, running_var))
+    params = (weight, bias) if affine else (None, None)
+    r = make_input(shape) if residual else None
+    code, param = activation_spec("leaky_relu", {"negative_slope": 0.2})
+    leaves = [None if t is None else t.clone().requires_grad_() for t in (x, *params, r)]
+    torch.library.opcheck(ops.normalize_act, (leaves[0], *stats, *leaves[1:3], leaves[3], 1e-5,
+                                              training, code, param))
+    torch.library.opcheck(ops.normalize_act_backward, (torch.randn_like(x), x, *stats, *params,
+                                                       r, 1e-5, training, code, param))
 
 
 class ConvNet(nn.Module):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import tritonbn
+from tritonbn.layout import strides_ncs
 from tritonbn.kernels import tiling
 from conftest import float64_bn_act, make_input, make_params, max_err
 
@@ -28,7 +29,7 @@ def test_paired_tiles_and_offsets(small_tiles, monkeypatch, shape, layout, pair,
     if int64:
         monkeypatch.setattr(tiling, "INT32_LIMIT", 1)
     x = make_input(shape, layout=layout, requires_grad=True)
-    plan = tiling.make_plan(x.detach(), tiling.strides_ncs(x))
+    plan = tiling.make_plan(x.detach(), strides_ncs(x))
     assert getattr(plan, pair) > 0 and plan.int64 == int64
     assert plan.chunk_n * plan.chunk_s > plan.block_n * plan.block_s  # several tiles each
     weight, bias, running_mean, running_var = make_params(shape[1])

@@ -9,22 +9,15 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .kernels.activations import ACTIVATIONS
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def activation_code(activation: str) -> int:
-    try:
-        return ACTIVATIONS[activation]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown activation {activation!r}; supported: "
-                         f"{', '.join(ACTIVATIONS)}") from None
+from .activations import ActivationSpec, activation_spec
+from .dtypes import SUPPORTED_DTYPES
 
 
 def check_inputs(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                 weight: Optional[Tensor], bias: Optional[Tensor], training: bool) -> None:
-    """Raise ValueError/TypeError for anything batch_norm would reject; change nothing."""
+                 weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
+                 residual: Optional[Tensor] = None) -> None:
+    """Raise ValueError/TypeError for anything batch_norm (or the residual add) would reject;
+    change nothing."""
     if not 2 <= input.dim() <= 5:
         raise ValueError(f"expected 2D to 5D input (got {input.dim()}D input)")
     if input.dtype not in SUPPORTED_DTYPES:
@@ -47,6 +40,18 @@ def check_inputs(input: Tensor, running_mean: Optional[Tensor], running_var: Opt
         if t.device != input.device:
             raise ValueError(f"expected all tensors on one device: input is on {input.device}, "
                              f"{name} on {t.device}")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"residual must be a Tensor, got {type(residual).__name__}")
+        if residual.shape != input.shape:
+            raise ValueError(f"residual must have the input's shape {tuple(input.shape)}, got "
+                             f"{tuple(residual.shape)}")
+        if residual.dtype != input.dtype:
+            raise TypeError(f"residual must have the input's dtype {input.dtype}, got "
+                            f"{residual.dtype}")
+        if residual.device != input.device:
+            raise ValueError(f"expected all tensors on one device: input is on {input.device}, "
+                             f"residual on {residual.device}")
     if training and input.numel() > 0 and input.numel() // C == 1:
         raise ValueError("Expected more than 1 value per channel when training, "
                          f"got input size {input.shape}")
@@ -54,32 +59,41 @@ def check_inputs(input: Tensor, running_mean: Optional[Tensor], running_var: Opt
 
 def forward_checked(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                     weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
-                    momentum: Optional[float], eps: float, code: int,
-                    num_batches_tracked: Optional[Tensor] = None) -> Tensor:
-    """bn_act after check_inputs: an empty batch returns an empty output, stats untouched.
-
-    A given num_batches_tracked is counted up on the device with the running statistics;
-    momentum=None then means their cumulative average.
-    """
+                    momentum: Optional[float], eps: float, activation: ActivationSpec,
+                    num_batches_tracked: Optional[Tensor] = None,
+                    residual: Optional[Tensor] = None) -> Tensor:
+    """bn_act after check_inputs. A given num_batches_tracked is counted up on the device with
+    the running statistics; momentum=None then means their cumulative average. An empty batch
+    returns an empty output and counts in num_batches_tracked alone, as in nn.BatchNorm."""
     if input.numel() == 0:
-        return input.clone()
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return input.clone() if residual is None else input + residual
+    code, param = activation
     if torch.compiler.is_compiling():  # the registered ops: traceable, no graph break
         mean, var = running_mean, running_var
         if training:
             mean, var = ops.batch_stats(input.detach(), running_mean, running_var,
                                         num_batches_tracked, momentum)
-        return ops.normalize_act(input, mean, var, weight, bias, eps, training, code)
-    return ops.EagerBatchNormAct.apply(input, weight, bias, (
-        running_mean, running_var, num_batches_tracked, training, momentum, eps, code))
+        return ops.normalize_act(input, mean, var, weight, bias, residual, eps, training, code,
+                                 param)
+    return ops.EagerBatchNormAct.apply(input, weight, bias, residual, (
+        running_mean, running_var, num_batches_tracked, training, momentum, eps, code, param))
 
 
 def bn_act(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
            weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-           training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
-           activation: str = "relu") -> Tensor:
+           training: bool = False, momentum: Optional[float] = 0.1, eps: float = 1e-5,
+           activation: str = "relu", activation_kwargs: Optional[dict] = None,
+           residual: Optional[Tensor] = None) -> Tensor:
     """activation(F.batch_norm(input, running_mean, running_var, weight, bias, training,
-    momentum, eps)) in one fused op. activation is one of "identity", "relu", "sigmoid"."""
-    code = activation_code(activation)
-    check_inputs(input, running_mean, running_var, weight, bias, training)
+    momentum, eps) + residual) in one fused op.
+
+    activation: a name from tritonbn.SUPPORTED_ACTIVATIONS, with activation_kwargs as
+    torch.nn.functional takes them (negative_slope, alpha, approximate). residual: None, or a
+    tensor of input's shape, dtype and device, in any layout.
+    """
+    spec = activation_spec(activation, activation_kwargs)
+    check_inputs(input, running_mean, running_var, weight, bias, training, residual)
     return forward_checked(input, running_mean, running_var, weight, bias, training, momentum,
-                           eps, code)
+                           eps, spec, residual=residual)

@@ -2,55 +2,75 @@
 
 - ``batch_stats(x, running_mean!, running_var!, num_batches_tracked!, momentum) -> (mean, var)``:
   the batch statistics, updating the running ones and the batch count in place (momentum=None:
-  the cumulative average over the count). Not differentiable: the backward of
+  the cumulative average over the count); mean comes as [2, C], a shift and the mean minus it
+  (kernels/forward.py says why). Not differentiable: the backward of
   ``normalize_act`` with training=True already carries the statistics' dependence on x.
-- ``normalize_act(x, mean, var, weight, bias, eps, training, activation) -> y``: functional
-  and differentiable; its backward is ``normalize_act_backward``.
+- ``normalize_act(x, mean, var, weight, bias, residual, eps, training, activation,
+  activation_param) -> y``: functional and differentiable in x, weight, bias and residual; its
+  backward is ``normalize_act_backward``.
 
 The mutation lives in an op of its own because torch.library registers autograd only for
 functional ops. torch.compile traces these ops; eager calls take EagerBatchNormAct below, the
-same launchers without the dispatcher's per-call cost. CUDA
-tensors run the Triton kernels. CPU tensors run the same kernels through
-Triton's interpreter when TRITON_INTERPRET=1 was set before triton was imported, and the
-PyTorch reference otherwise. Tensors whose spatial dims do not collapse into one stride
-(``tiling.strides_ncs``) are copied to contiguous first; every layout PyTorch names collapses.
+same launchers without the dispatcher's per-call cost. CUDA tensors run the Triton kernels.
+CPU tensors run the same kernels through Triton's interpreter when TRITON_INTERPRET=1 was set
+before triton was imported, and the PyTorch reference otherwise (also where Triton is not
+installed). Tensors whose spatial dims do not collapse into one stride
+(``tritonbn.layout.strides_ncs``) are copied to contiguous first; every layout PyTorch names
+collapses.
 """
+import importlib.util
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import kernels, reference
-from .kernels.forward import accumulate_dtype
-from .kernels.launch import INTERPRETING
-from .kernels.tiling import strides_ncs
+from . import reference
+from .dtypes import accumulate_dtype
+from .layout import strides_ncs
+
+# Triton is optional where it has no wheel: CPU tensors then take the reference path.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON:
+    from . import kernels
+# Triton decides when it is imported whether its kernels are interpreted.
+INTERPRETING = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def runs_triton(x: Tensor) -> bool:
     return x.is_cuda or (INTERPRETING and x.device.type == "cpu")
 
 
-def _backend(x: Tensor):
-    return kernels if runs_triton(x) else reference
+def backend(x: Tensor):
+    """The module whose launchers run x: tritonbn.kernels or tritonbn.reference."""
+    if not runs_triton(x):
+        return reference
+    if not HAS_TRITON:
+        raise RuntimeError("tritonbn runs CUDA tensors with Triton kernels, and the triton "
+                           "package is not installed: pip install triton")
+    return kernels
 
 
-def _walkable(t: Tensor) -> Tensor:
-    return t if strides_ncs(t) is not None else t.contiguous()
+def walkable(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None or strides_ncs(t) is not None else t.contiguous()
 
 
 def run_batch_stats(x, running_mean, running_var, momentum, num_batches_tracked=None):
-    return _backend(x).batch_stats(_walkable(x), running_mean, running_var, momentum,
-                                   num_batches_tracked)
+    return backend(x).batch_stats(walkable(x), running_mean, running_var, momentum,
+                                  num_batches_tracked)
 
 
-def run_normalize_act(x, mean, var, weight, bias, eps, activation):
-    return _backend(x).normalize_act(_walkable(x), mean, var, weight, bias, eps, activation)
+def run_normalize_act(x, mean, var, weight, bias, residual, eps, activation, activation_param):
+    return backend(x).normalize_act(walkable(x), mean, var, weight, bias, walkable(residual),
+                                    eps, activation, activation_param)
 
 
-def run_normalize_act_backward(dy, x, mean, var, weight, bias, eps, training, activation):
-    return _backend(x).normalize_act_backward(_walkable(dy), _walkable(x), mean, var, weight,
-                                              bias, eps, training, activation)
+def run_normalize_act_backward(dy, x, mean, var, weight, bias, residual, eps, training,
+                               activation, activation_param):
+    return backend(x).normalize_act_backward(walkable(dy), walkable(x), mean, var, weight,
+                                             bias, walkable(residual), eps, training,
+                                             activation, activation_param)
 
 
 @torch.library.custom_op("tritonbn::batch_stats",
@@ -58,61 +78,74 @@ def run_normalize_act_backward(dy, x, mean, var, weight, bias, eps, training, ac
 def batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 num_batches_tracked: Optional[Tensor],
                 momentum: Optional[float]) -> tuple[Tensor, Tensor]:
-    """(mean, biased var) per channel, float32 (float64 for float64 x)."""
+    """(mean, biased var) per channel, float32 (float64 for float64 x); mean is [2, C], a
+    shift and the mean minus it."""
     return run_batch_stats(x, running_mean, running_var, momentum, num_batches_tracked)
 
 
 @batch_stats.register_fake
 def _(x, running_mean, running_var, num_batches_tracked, momentum):
-    mean = x.new_empty(x.shape[1], dtype=accumulate_dtype(x.dtype))
-    return mean, torch.empty_like(mean)
+    var = x.new_empty(x.shape[1], dtype=accumulate_dtype(x.dtype))
+    return x.new_empty((2, x.shape[1]), dtype=var.dtype), var
 
 
 @torch.library.custom_op("tritonbn::normalize_act", mutates_args=())
 def normalize_act(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
-                  bias: Optional[Tensor], eps: float, training: bool, activation: int) -> Tensor:
-    """act((x - mean) / sqrt(var + eps) * weight + bias); training says mean/var are x's own."""
-    return run_normalize_act(x, mean, var, weight, bias, eps, activation)
+                  bias: Optional[Tensor], residual: Optional[Tensor], eps: float,
+                  training: bool, activation: int, activation_param: float) -> Tensor:
+    """act((x - mean) / sqrt(var + eps) * weight + bias [+ residual]); training says mean/var
+    are x's own."""
+    return run_normalize_act(x, mean, var, weight, bias, residual, eps, activation,
+                             activation_param)
 
 
 @normalize_act.register_fake
-def _(x, mean, var, weight, bias, eps, training, activation):
-    return torch.empty_like(_walkable(x))
+def _(x, mean, var, weight, bias, residual, eps, training, activation, activation_param):
+    return torch.empty_like(walkable(x))
 
 
 @torch.library.custom_op("tritonbn::normalize_act_backward", mutates_args=())
 def normalize_act_backward(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor,
-                           weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                           training: bool, activation: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias); dweight/dbias in the parameters' dtype (accumulate when None)."""
-    return run_normalize_act_backward(dy, x, mean, var, weight, bias, eps, training, activation)
+                           weight: Optional[Tensor], bias: Optional[Tensor],
+                           residual: Optional[Tensor], eps: float, training: bool,
+                           activation: int, activation_param: float
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dresidual); dweight/dbias in the parameters' dtype (accumulate
+    when None); dresidual empty without a residual."""
+    dx, dweight, dbias, dresidual = run_normalize_act_backward(
+        dy, x, mean, var, weight, bias, residual, eps, training, activation, activation_param)
+    return dx, dweight, dbias, x.new_empty(0) if dresidual is None else dresidual
 
 
 @normalize_act_backward.register_fake
-def _(dy, x, mean, var, weight, bias, eps, training, activation):
+def _(dy, x, mean, var, weight, bias, residual, eps, training, activation, activation_param):
     acc = accumulate_dtype(x.dtype)
     dweight = x.new_empty(x.shape[1], dtype=acc if weight is None else weight.dtype)
     dbias = x.new_empty(x.shape[1], dtype=acc if bias is None else bias.dtype)
-    return torch.empty_like(_walkable(x)), dweight, dbias
+    dresidual = x.new_empty(0) if residual is None else torch.empty_like(walkable(residual))
+    return torch.empty_like(walkable(x)), dweight, dbias, dresidual
 
 
 def _setup_context(ctx, inputs, output):
-    x, mean, var, weight, bias, eps, training, activation = inputs
-    ctx.save_for_backward(x, mean, var, weight, bias)
-    ctx.eps, ctx.training, ctx.activation = eps, training, activation
+    x, mean, var, weight, bias, residual, eps, training, activation, activation_param = inputs
+    ctx.save_for_backward(x, mean, var, weight, bias, residual)
+    ctx.eps, ctx.training = eps, training
+    ctx.activation, ctx.activation_param = activation, activation_param
 
 
 def _gradients(ctx, dy, backward_fn):
-    """(dx, dweight, dbias), None for an absent parameter."""
-    x, mean, var, weight, bias = ctx.saved_tensors
-    dx, dweight, dbias = backward_fn(dy, x, mean, var, weight, bias, ctx.eps, ctx.training,
-                                     ctx.activation)
-    return dx, dweight if weight is not None else None, dbias if bias is not None else None
+    """(dx, dweight, dbias, dresidual), None for an absent parameter or residual."""
+    x, mean, var, weight, bias, residual = ctx.saved_tensors
+    dx, dweight, dbias, dresidual = backward_fn(dy, x, mean, var, weight, bias, residual,
+                                                ctx.eps, ctx.training, ctx.activation,
+                                                ctx.activation_param)
+    return (dx, dweight if weight is not None else None, dbias if bias is not None else None,
+            dresidual if residual is not None else None)
 
 
 def _normalize_act_backward(ctx, dy):
-    dx, dweight, dbias = _gradients(ctx, dy, normalize_act_backward)
-    return dx, None, None, dweight, dbias, None, None, None
+    dx, dweight, dbias, dresidual = _gradients(ctx, dy, normalize_act_backward)
+    return dx, None, None, dweight, dbias, dresidual, None, None, None, None
 
 
 normalize_act.register_autograd(_normalize_act_backward, setup_context=_setup_context)
@@ -123,22 +156,25 @@ class EagerBatchNormAct(torch.autograd.Function):
     and autograd formula as the registered ops, minus torch.library's dispatch, whose per-call
     host cost (tens of microseconds per op) exceeds the kernels' own time on small tensors.
 
-    apply(x, weight, bias, state), state = (running_mean, running_var, num_batches_tracked,
-    training, momentum, eps, activation): none of it differentiable, and one argument rather
-    than seven because Function.apply's cost grows with its argument count.
+    apply(x, weight, bias, residual, state), state = (running_mean, running_var,
+    num_batches_tracked, training, momentum, eps, activation, activation_param): none of it
+    differentiable, and one argument rather than eight because Function.apply's cost grows
+    with its argument count.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, state):
-        running_mean, running_var, num_batches_tracked, training, momentum, eps, activation = \
-            state
-        backend, walkable = _backend(x), _walkable(x)
+    def forward(ctx, x, weight, bias, residual, state):
+        (running_mean, running_var, num_batches_tracked, training, momentum, eps, activation,
+         activation_param) = state
+        launchers, x, residual = backend(x), walkable(x), walkable(residual)
         mean, var = running_mean, running_var
         if training:
-            mean, var = backend.batch_stats(walkable, running_mean, running_var, momentum,
-                                            num_batches_tracked)
-        _setup_context(ctx, (x, mean, var, weight, bias, eps, training, activation), None)
-        return backend.normalize_act(walkable, mean, var, weight, bias, eps, activation)
+            mean, var = launchers.batch_stats(x, running_mean, running_var, momentum,
+                                              num_batches_tracked)
+        _setup_context(ctx, (x, mean, var, weight, bias, residual, eps, training, activation,
+                             activation_param), None)
+        return launchers.normalize_act(x, mean, var, weight, bias, residual, eps, activation,
+                                       activation_param)
 
     @staticmethod
     def backward(ctx, dy):

@@ -1,13 +1,14 @@
-"""Pure-PyTorch BatchNorm + activation: the CPU path without Triton, and the tests' yardstick.
+"""Pure-PyTorch BatchNorm + activation: the CPU path without Triton, and a yardstick for tests.
 
-The same three functions, with the same contracts, as the Triton launchers in
-``tritonbn.kernels``: statistics in float32 (float64 for float64 input), running statistics
-updated in place, outputs in x's dtype and strides.
+The same functions, with the same contracts, as the Triton launchers in ``tritonbn.kernels``:
+statistics in float32 (float64 for float64 input) with the mean in the shifted [2, C] form,
+running statistics updated in place, outputs in x's dtype and strides. The activation and its
+gradient are eager PyTorch's own, applied to z rounded to x's dtype as eager BatchNorm stores it.
 """
 import torch
 
-from .kernels.activations import ACTIVATIONS
-from .kernels.forward import accumulate_dtype
+from .activations import ActivationSpec, eager_activation
+from .dtypes import accumulate_dtype
 
 
 def _per_channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -18,40 +19,36 @@ def _reduce_dims(x: torch.Tensor) -> list[int]:
     return [0] + list(range(2, x.dim()))
 
 
-def _activation(z: torch.Tensor, activation: int) -> torch.Tensor:
-    if activation == ACTIVATIONS["relu"]:
-        return torch.relu(z)
-    if activation == ACTIVATIONS["sigmoid"]:
-        return torch.sigmoid(z)
-    return z
+def _centered(x, mean):
+    """x - mean in the accumulate dtype; a [2, C] mean is (shift, mean - shift), applied in
+    that order so that x - shift is exact for x near the mean."""
+    x = x.to(accumulate_dtype(x.dtype))
+    if mean.dim() == 2:
+        return (x - _per_channel(mean[0], x.dim())) - _per_channel(mean[1], x.dim())
+    return x - _per_channel(mean.to(x.dtype), x.dim())
 
 
-def _activation_grad(z, dy, activation: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """dy * act'(z), rounded through out_dtype where eager's activation backward rounds."""
-    if activation == ACTIVATIONS["relu"]:
-        return torch.where(z > 0, dy, torch.zeros_like(dy))
-    if activation == ACTIVATIONS["sigmoid"]:
-        s = torch.sigmoid(z).to(out_dtype).to(z.dtype)
-        return (dy * s * (1 - s)).to(out_dtype).to(z.dtype)
-    return dy
-
-
-def _affine(x, mean, var, weight, bias, eps):
-    """(x - mean, rstd, z) in the accumulate dtype, z = (x - mean) * rstd * weight + bias."""
+def _pre_activation(x, mean, var, weight, bias, residual, eps):
+    """(x - mean, rstd, scale, z): z = (x - mean) * scale + bias [+ residual] in x's dtype,
+    rounded where eager rounds it, scale = rstd * weight."""
     acc = accumulate_dtype(x.dtype)
     rstd = torch.rsqrt(var.to(acc) + eps)
     scale = rstd if weight is None else rstd * weight.to(acc)
-    x_mu = x.to(acc) - _per_channel(mean.to(acc), x.dim())
+    x_mu = _centered(x, mean)
     z = x_mu * _per_channel(scale, x.dim())
     if bias is not None:
         z = z + _per_channel(bias.to(acc), x.dim())
-    # Rounded to x's dtype, as eager BatchNorm writes it before a separate activation.
-    return x_mu, rstd, z.to(x.dtype).to(acc), scale
+    z = z.to(x.dtype)
+    if residual is not None:
+        z = z + residual
+    return x_mu, rstd, scale, z
 
 
 def batch_stats(x, running_mean, running_var, momentum, num_batches_tracked=None):
     acc = accumulate_dtype(x.dtype)
-    var, mean = torch.var_mean(x.to(acc), dim=_reduce_dims(x), correction=0)
+    dims = _reduce_dims(x)
+    shift = x.to(acc).mean(dims)
+    var, mean_d = torch.var_mean(_centered(x, shift), dim=dims, correction=0)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if momentum is None:  # the cumulative average; 0 without a count, as in nn.BatchNorm
@@ -59,27 +56,74 @@ def batch_stats(x, running_mean, running_var, momentum, num_batches_tracked=None
     if running_mean is not None:
         count = x.numel() // x.shape[1]
         unbiased = var * count / (count - 1)
-        running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(acc))
+        running_mean.copy_(momentum * (shift + mean_d) + (1 - momentum) * running_mean.to(acc))
         running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(acc))
-    return mean, var
+    return torch.stack([shift, mean_d]), var
 
 
-def normalize_act(x, mean, var, weight, bias, eps: float, activation: int):
-    _, _, z, _ = _affine(x, mean, var, weight, bias, eps)
+def normalize_act(x, mean, var, weight, bias, residual, eps: float, activation: int,
+                  activation_param: float):
+    _, _, _, z = _pre_activation(x, mean, var, weight, bias, residual, eps)
     # empty_like + copy_: the same output strides as the Triton launcher's.
-    return torch.empty_like(x).copy_(_activation(z, activation))
+    return torch.empty_like(x).copy_(eager_activation(ActivationSpec(activation,
+                                                                     activation_param))(z))
 
 
-def normalize_act_backward(dy, x, mean, var, weight, bias, eps: float, training: bool,
-                           activation: int):
-    x_mu, rstd, z, scale = _affine(x, mean, var, weight, bias, eps)
-    g = _activation_grad(z, dy.to(z.dtype), activation, x.dtype)
-    xhat = x_mu * _per_channel(rstd, x.dim())
-    dims = _reduce_dims(x)
-    dbias, dweight = g.sum(dims), (g * xhat).sum(dims)
-    if training:
-        count = x.numel() // x.shape[1]
-        g = g - _per_channel(dbias / count, x.dim()) - xhat * _per_channel(dweight / count, x.dim())
-    dx = torch.empty_like(x).copy_(g * _per_channel(scale, x.dim()))
-    return (dx, dweight if weight is None else dweight.to(weight.dtype),
-            dbias if bias is None else dbias.to(bias.dtype))
+def _gradient(dy, x, mean, var, weight, bias, residual, eps, activation, activation_param):
+    """(x - mean, rstd, scale, g), g = dy * act'(z) as eager's backward computes it."""
+    x_mu, rstd, scale, z = _pre_activation(x, mean, var, weight, bias, residual, eps)
+    z = z.detach().requires_grad_()
+    with torch.enable_grad():
+        y = eager_activation(ActivationSpec(activation, activation_param))(z)
+    (g,) = torch.autograd.grad(y, z, dy.to(z.dtype))
+    return x_mu, rstd, scale, g
+
+
+def _sums(x_mu, rstd, g):
+    """sum(g) and sum(g * xhat) per channel: dbias and dweight."""
+    g = g.to(x_mu.dtype)
+    dims = _reduce_dims(x_mu)
+    return torch.stack([g.sum(dims), (g * x_mu * _per_channel(rstd, g.dim())).sum(dims)])
+
+
+def _dx(x, x_mu, rstd, scale, g, sums, count):
+    """dx for batch statistics over count elements per channel whose totals are sums."""
+    ndim = x.dim()
+    g = g.to(x_mu.dtype)
+    if sums is not None:
+        xhat = x_mu * _per_channel(rstd, ndim)
+        g = g - _per_channel(sums[0] / count, ndim) - xhat * _per_channel(sums[1] / count, ndim)
+    return torch.empty_like(x).copy_(g * _per_channel(scale, ndim))
+
+
+def _in_dtype_of(t, like):
+    return t if like is None else t.to(like.dtype)
+
+
+def normalize_act_backward(dy, x, mean, var, weight, bias, residual, eps: float,
+                           training: bool, activation: int, activation_param: float):
+    x_mu, rstd, scale, g = _gradient(dy, x, mean, var, weight, bias, residual, eps, activation,
+                                     activation_param)
+    sums = _sums(x_mu, rstd, g)
+    dx = _dx(x, x_mu, rstd, scale, g, sums if training else None, x.numel() // x.shape[1])
+    dresidual = None if residual is None else torch.empty_like(residual).copy_(g)
+    return dx, _in_dtype_of(sums[1], weight), _in_dtype_of(sums[0], bias), dresidual
+
+
+def grad_reduce(dy, x, mean, var, weight, bias, residual, eps: float, activation: int,
+                activation_param: float):
+    x_mu, rstd, _, g = _gradient(dy, x, mean, var, weight, bias, residual, eps, activation,
+                                 activation_param)
+    dresidual = None if residual is None else torch.empty_like(residual).copy_(g)
+    return _sums(x_mu, rstd, g), dresidual
+
+
+def grad_input(dy, x, mean, var, weight, bias, residual, dresidual, sums, count: int,
+               eps: float, activation: int, activation_param: float):
+    if dresidual is None:
+        x_mu, rstd, scale, g = _gradient(dy, x, mean, var, weight, bias, residual, eps,
+                                         activation, activation_param)
+    else:
+        x_mu, rstd, scale, _ = _pre_activation(x, mean, var, weight, bias, residual, eps)
+        g = dresidual
+    return _dx(x, x_mu, rstd, scale, g, sums, count)

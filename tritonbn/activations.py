@@ -1,0 +1,106 @@
+"""The activations tritonbn fuses: names, keyword arguments, and the codes the kernels take.
+
+Names and keyword arguments are torch.nn.functional's, with PyTorch's defaults. The kernels
+receive an activation as two numbers, its code and one float parameter (negative_slope for
+leaky_relu, alpha for elu, 0 otherwise); gelu's ``approximate`` picks between two codes.
+This module needs no Triton, so the reference path can use it on machines without Triton.
+"""
+from types import MappingProxyType
+from typing import NamedTuple, Optional
+
+import torch.nn.functional as F
+
+IDENTITY = 0
+RELU = 1
+SIGMOID = 2
+RELU6 = 3
+LEAKY_RELU = 4
+ELU = 5
+SILU = 6
+HARDSWISH = 7
+HARDSIGMOID = 8
+GELU = 9
+GELU_TANH = 10
+MISH = 11
+TANH = 12
+
+# name -> (code, {keyword: default}); the float parameter is the only keyword's value.
+_TABLE = {
+    "identity": (IDENTITY, {}),
+    "relu": (RELU, {}),
+    "relu6": (RELU6, {}),
+    "leaky_relu": (LEAKY_RELU, {"negative_slope": 0.01}),
+    "elu": (ELU, {"alpha": 1.0}),
+    "silu": (SILU, {}),
+    "hardswish": (HARDSWISH, {}),
+    "hardsigmoid": (HARDSIGMOID, {}),
+    "gelu": (GELU, {"approximate": "none"}),
+    "mish": (MISH, {}),
+    "sigmoid": (SIGMOID, {}),
+    "tanh": (TANH, {}),
+}
+SUPPORTED_ACTIVATIONS = tuple(_TABLE)
+GELU_APPROXIMATIONS = {"none": GELU, "tanh": GELU_TANH}
+
+
+class ActivationSpec(NamedTuple):
+    """What the kernels are given: the activation's code and its float parameter."""
+
+    code: int
+    param: float
+
+
+def activation_kwargs(name: str, kwargs: Optional[dict] = None) -> dict:
+    """name's full keyword arguments: kwargs over PyTorch's defaults. Raises ValueError for an
+    unknown name, a keyword name does not take, or a value of the wrong kind."""
+    if not isinstance(name, str) or name not in _TABLE:
+        raise ValueError(f"unknown activation {name!r}; supported: "
+                         f"{', '.join(SUPPORTED_ACTIVATIONS)}")
+    defaults = _TABLE[name][1]
+    kwargs = dict(kwargs or {})
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+        accepted = ", ".join(defaults) if defaults else "no keyword arguments"
+        raise ValueError(f"activation {name!r} takes {accepted}; got {', '.join(unknown)}")
+    full = {**defaults, **kwargs}
+    for key, value in full.items():
+        if key == "approximate":
+            if value not in GELU_APPROXIMATIONS:
+                raise ValueError(f"gelu's approximate must be one of "
+                                 f"{', '.join(map(repr, GELU_APPROXIMATIONS))}, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name}'s {key} must be a number, got {value!r}")
+        else:
+            full[key] = float(value)
+    return full
+
+
+def activation_spec(name: str, kwargs: Optional[dict] = None) -> ActivationSpec:
+    """The (code, param) the kernels take for activation name with kwargs (checked)."""
+    full = activation_kwargs(name, kwargs)
+    if name == "gelu":
+        return ActivationSpec(GELU_APPROXIMATIONS[full["approximate"]], 0.0)
+    return ActivationSpec(_TABLE[name][0], next(iter(full.values()), 0.0))
+
+
+def eager_activation(spec: ActivationSpec):
+    """The eager PyTorch function computing the activation spec stands for."""
+    code, param = spec
+    return {
+        IDENTITY: lambda z: z,
+        RELU: F.relu,
+        SIGMOID: F.sigmoid,
+        RELU6: F.relu6,
+        LEAKY_RELU: lambda z: F.leaky_relu(z, param),
+        ELU: lambda z: F.elu(z, param),
+        SILU: F.silu,
+        HARDSWISH: F.hardswish,
+        HARDSIGMOID: F.hardsigmoid,
+        GELU: F.gelu,
+        GELU_TANH: lambda z: F.gelu(z, approximate="tanh"),
+        MISH: F.mish,
+        TANH: F.tanh,
+    }[code]
+
+
+CODES = MappingProxyType({name: code for name, (code, _) in _TABLE.items()})
