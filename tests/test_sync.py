@@ -6,11 +6,12 @@ the real kernels run in them. Every rank's output, input gradient, parameter gra
 over the group) and running statistics are held against float64 PyTorch over the
 concatenated batch, within twice the error of eager float32 PyTorch on that batch.
 """
-import copy
 import datetime
 import socket
 import sys
 import traceback
+from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,10 +24,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tritonbn
 from conftest import DEVICE, ON_GPU, max_err, memory_format
-from tritonbn.sync import SyncBatchNormAct, combine_rank_stats, convert_sync_batchnorm, rank_stats
+from tritonbn import SyncBatchNormAct, convert_sync_batchnorm
+from tritonbn.sync import combine_rank_stats, rank_stats
 
 
 def activate(z, activation, kwargs=None):
+    """torch.nn.functional's activation of that name."""
     return z if activation == "identity" else getattr(F, activation)(z, **(kwargs or {}))
 
 
@@ -41,7 +44,7 @@ def test_combined_statistics_at_large_mean(dtype):
     std = 0.5 + torch.rand(C, 1, dtype=torch.float64)
     xs = [(torch.randn(n, C, 4, dtype=torch.float64) * std + 1e4 + 3 * r).to(DEVICE, dtype)
           for r, n in enumerate(sizes)]
-    backend = tritonbn.sync._backend(xs[0])
+    backend = tritonbn.ops.backend(xs[0])
     blocks = torch.stack([
         rank_stats(*backend.batch_stats(x, None, None, 0.1), x.numel() // C) if x.numel()
         else torch.zeros(4, C, dtype=torch.float64, device=DEVICE) for x in xs])
@@ -59,9 +62,10 @@ def test_combined_statistics_at_large_mean(dtype):
 
 def test_without_a_group_it_is_batchnormact():
     x = torch.randn(5, 3, 4, 3, dtype=torch.float64).to(DEVICE, torch.float32)
-    dy = torch.randn_like(x)
-    ours = SyncBatchNormAct(3, activation="sigmoid", momentum=None, device=DEVICE)
-    theirs = tritonbn.BatchNormAct2d(3, activation="sigmoid", momentum=None, device=DEVICE)
+    dy, skip = torch.randn_like(x), torch.randn_like(x)
+    kwargs = dict(activation="leaky_relu", activation_kwargs=dict(negative_slope=0.3),
+                  momentum=None, device=DEVICE)
+    ours, theirs = SyncBatchNormAct(3, **kwargs), tritonbn.BatchNormAct2d(3, **kwargs)
     with torch.no_grad():
         for module in (ours, theirs):
             module.weight.copy_(torch.linspace(0.5, 1.5, 3))
@@ -69,10 +73,11 @@ def test_without_a_group_it_is_batchnormact():
     for training in (True, True, False):
         results = []
         for module in (ours.train(training), theirs.train(training)):
-            xg = x.clone().requires_grad_()
-            y = module(xg)
+            xg, rg = x.clone().requires_grad_(), skip.clone().requires_grad_()
+            y = module(xg, rg)
             y.backward(dy)
-            results.append([y, xg.grad, module.weight.grad, *module.state_dict().values()])
+            results.append([y, xg.grad, rg.grad, module.weight.grad,
+                            *module.state_dict().values()])
             module.zero_grad()
         for got, expected in zip(*results, strict=True):
             assert torch.equal(got, expected)
@@ -84,8 +89,7 @@ def test_state_dict_is_syncbatchnorm():
     with torch.no_grad():
         for t in plain.state_dict().values():
             t.copy_(torch.rand(t.shape) * 10 if t.is_floating_point() else 7)
-    ours = SyncBatchNormAct(4, activation="tanh" if "tanh" in tritonbn.SUPPORTED_ACTIVATIONS
-                            else "sigmoid")
+    ours = SyncBatchNormAct(4, activation="tanh")
     ours.load_state_dict(plain.state_dict())
     assert list(ours.state_dict()) == list(plain.state_dict())
     for got, expected in zip(ours.state_dict().values(), plain.state_dict().values()):
@@ -93,16 +97,19 @@ def test_state_dict_is_syncbatchnorm():
     assert ours.process_group is None
 
 
-def test_unknown_activation_raises():
+def test_unknown_activation_or_kwarg_raises():
     with pytest.raises(ValueError, match="relu"):
         SyncBatchNormAct(3, activation="swish-ish")
+    with pytest.raises(ValueError, match="negative_slope"):
+        SyncBatchNormAct(3, activation="leaky_relu", activation_kwargs=dict(alpha=1.0))
 
 
 def test_convert_sync_batchnorm_shares_everything():
     group = object()  # stands for a process group: the converter only passes it on
     model = nn.Sequential(nn.Conv2d(3, 4, 1), tritonbn.BatchNormAct2d(4),
-                          nn.Sequential(nn.Linear(4, 5), tritonbn.BatchNormAct1d(5,
-                                        activation="sigmoid", momentum=None, affine=False)),
+                          nn.Sequential(nn.Linear(4, 5), tritonbn.BatchNormAct1d(
+                              5, activation="elu", activation_kwargs=dict(alpha=0.5),
+                              momentum=None, affine=False)),
                           nn.BatchNorm2d(4, track_running_stats=False))
     model[2].eval()
     before = {name: t for name, t in model.state_dict(keep_vars=True).items()}
@@ -110,7 +117,8 @@ def test_convert_sync_batchnorm_shares_everything():
     assert converted is model
     assert type(model[1]) is SyncBatchNormAct and model[1].activation == "relu"
     inner = model[2][1]
-    assert type(inner) is SyncBatchNormAct and inner.activation == "sigmoid"
+    assert type(inner) is SyncBatchNormAct and inner.activation == "elu"
+    assert inner.activation_kwargs == dict(alpha=0.5)
     assert inner.momentum is None and not inner.affine and not inner.training
     assert type(model[3]) is SyncBatchNormAct and model[3].activation == "identity"
     assert not model[3].track_running_stats
@@ -128,17 +136,20 @@ def test_convert_sync_batchnorm_shares_everything():
 
 # Each check: sizes[world] are the per-rank batch sizes, tail the dims after (N, C).
 LAYER_CHECKS = [
-    dict(name="unequal batches, contiguous", sizes={2: [3, 1], 3: [2, 1, 3]}, C=3,
-         tail=(3, 2), activation="relu", count_collectives=True),
+    dict(name="unequal batches, contiguous, residual", sizes={2: [3, 1], 3: [2, 1, 3]}, C=3,
+         tail=(3, 2), activation="relu", residual=True, count_collectives=True),
     dict(name="an empty rank, channels_last, momentum=None", sizes={2: [0, 4], 3: [3, 0, 2]},
-         C=4, tail=(2, 3), layout="channels_last", activation="sigmoid", momentum=None),
+         C=4, tail=(2, 3), layout="channels_last", activation="silu", momentum=None,
+         residual=True),
     dict(name="2-D float64, one value on a rank, no affine", sizes={2: [1, 3], 3: [1, 2, 2]},
-         C=5, tail=(), dtype=torch.float64, activation="identity", affine=False),
+         C=5, tail=(), dtype=torch.float64, activation="gelu",
+         activation_kwargs=dict(approximate="tanh"), affine=False),
     dict(name="|mean| >> std, rank means apart", sizes={2: [2, 2], 3: [1, 2, 1]}, C=2,
-         tail=(7,), offset=2e3, rank_offset=5.0, activation="relu"),
+         tail=(7,), offset=2e3, rank_offset=5.0, activation="leaky_relu",
+         activation_kwargs=dict(negative_slope=0.2)),
     dict(name="6-D input", sizes={2: [1, 2], 3: [1, 1, 1]}, C=3, tail=(2, 1, 2, 2),
-         activation="relu"),
-    dict(name="a subgroup", sizes={3: [2, None, 3]}, C=3, tail=(4,), activation="sigmoid",
+         activation="elu", activation_kwargs=dict(alpha=0.5), residual=True),
+    dict(name="a subgroup", sizes={3: [2, None, 3]}, C=3, tail=(4,), activation="hardswish",
          members=(0, 2)),
 ]
 
@@ -175,9 +186,10 @@ def _reference_module(C, dtype, momentum, affine, state):
     return module
 
 
-def check_layer(rank, world, name, sizes, C, tail, activation, layout="contiguous",
-                dtype=torch.float32, momentum=0.1, affine=True, offset=0.5, rank_offset=0.0,
-                members=None, count_collectives=False, steps=2):
+def check_layer(rank, world, name, sizes, C, tail, activation, activation_kwargs=None,
+                layout="contiguous", dtype=torch.float32, momentum=0.1, affine=True,
+                residual=False, offset=0.5, rank_offset=0.0, members=None,
+                count_collectives=False, steps=2):
     members = list(members or range(world))
     group = dist.new_group(members)  # every rank takes part in making a group
     if rank not in members:
@@ -186,7 +198,8 @@ def check_layer(rank, world, name, sizes, C, tail, activation, layout="contiguou
     index = members.index(rank)
     lo, hi = sum(sizes[:index]), sum(sizes[:index + 1])
     layer = SyncBatchNormAct(C, momentum=momentum, affine=affine, activation=activation,
-                             process_group=group, device=DEVICE, dtype=dtype)
+                             activation_kwargs=activation_kwargs, process_group=group,
+                             device=DEVICE, dtype=dtype)
     with torch.no_grad():  # the same random state on every rank: the seed is shared
         for t in layer.state_dict().values():
             if t.is_floating_point():
@@ -207,19 +220,23 @@ def check_layer(rank, world, name, sizes, C, tail, activation, layout="contiguou
                                                           (N,) + (1,) * (1 + len(tail)))
         full = full.to(dtype).double()  # what every run sees: dtype's rounding of the data
         dy = torch.randn_like(full)
+        skip = torch.randn_like(full).to(dtype).double() if residual else None
         expected = {}
         for d, module in references.items():
             x = full.to(d, copy=True).requires_grad_()
-            y = activate(module(x.flatten(2) if x.dim() > 2 else x).view(x.shape), activation)
+            r = None if skip is None else skip.to(d, copy=True).requires_grad_()
+            z = module(x.flatten(2) if x.dim() > 2 else x).view(x.shape)
+            y = activate(z if r is None else z + r, activation, activation_kwargs)
             y.backward(dy.to(d))
-            expected[d] = [y, x.grad] + ([module.weight.grad, module.bias.grad]
-                                         if affine else [])
+            expected[d] = [y, x.grad] + ([] if r is None else [r.grad])
+            expected[d] += [module.weight.grad, module.bias.grad] if affine else []
             expected[d] += [module.running_mean, module.running_var]
             module.zero_grad()
 
         x = full[lo:hi].to(DEVICE, dtype).contiguous(memory_format=fmt).requires_grad_()
+        r = None if skip is None else skip[lo:hi].to(DEVICE, dtype).requires_grad_()
         with CountOps() as forward_ops:
-            y = layer(x)
+            y = layer(x, r)
         with CountOps() as backward_ops:
             y.backward(dy[lo:hi].to(DEVICE, dtype).contiguous(memory_format=fmt))
         if count_collectives:
@@ -230,7 +247,8 @@ def check_layer(rank, world, name, sizes, C, tail, activation, layout="contiguou
         if x.dim() == 4:
             assert y.stride() == x.stride() and x.grad.stride() == x.stride()
 
-        got = [y, x.grad]
+        got = [y, x.grad] + ([] if r is None else [r.grad])
+        per_sample = len(got)
         if affine:
             local = [layer.weight.grad, layer.bias.grad]
             if hi == lo:  # an empty batch: no contribution, but gradients all the same
@@ -242,7 +260,7 @@ def check_layer(rank, world, name, sizes, C, tail, activation, layout="contiguou
         got += [layer.running_mean, layer.running_var]
         for i, (ours, e64, eager) in enumerate(zip(got, expected[torch.float64],
                                                    expected[dtype], strict=True)):
-            if i < 2:  # per-sample tensors: this rank's slice
+            if i < per_sample:  # this rank's slice
                 e64, eager = e64[lo:hi], eager[lo:hi]
             if e64.numel():
                 err, eager_err = max_err(ours.cpu(), e64), max_err(eager, e64)
@@ -260,14 +278,22 @@ def _assert_same_on_every_rank(tensors, group):
 
 
 def check_ddp(rank, world):
-    """Two SGD steps of a DDP model equal two steps of one process over the whole batch."""
+    """Two SGD steps of a DDP model equal two steps of nn.BatchNorm2d + activations in
+    float64 in one process over the whole batch."""
     sizes = [2, 3, 0][:world]
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), tritonbn.BatchNormAct2d(4),
-                          nn.Conv2d(4, 2, 1), tritonbn.BatchNormAct2d(2, activation="sigmoid"))
-    model.to(DEVICE)
-    single = copy.deepcopy(model).double()
-    ddp = nn.parallel.DistributedDataParallel(convert_sync_batchnorm(model))
+
+    def convs():
+        return nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Conv2d(4, 2, 1)
+    conv1, conv2 = convs()
+    model = nn.Sequential(OrderedDict(conv1=conv1, bn1=tritonbn.BatchNormAct2d(4), conv2=conv2,
+                                      bn2=tritonbn.BatchNormAct2d(2, activation="sigmoid")))
+    conv1, conv2 = convs()
+    single = nn.Sequential(OrderedDict(conv1=conv1, bn1=nn.BatchNorm2d(4), act1=nn.ReLU(),
+                                       conv2=conv2, bn2=nn.BatchNorm2d(2), act2=nn.Sigmoid()))
+    single.load_state_dict(model.state_dict())
+    single.to(DEVICE, torch.float64)
+    ddp = nn.parallel.DistributedDataParallel(convert_sync_batchnorm(model.to(DEVICE)))
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (ddp, single)]
     for _ in range(2):
         x = torch.randn(sum(sizes), 3, 5, 4, dtype=torch.float64, device=DEVICE) + 1
@@ -335,8 +361,10 @@ def _group_worker(rank, world, port, seed):
             if world in check["sizes"]:
                 torch.manual_seed(seed)
                 check_layer(rank, world, **check)
-        for check in (check_ddp, check_compiled, check_channel_mismatch,
-                      check_bad_input_raises_before_any_collective):
+        # Compiling costs seconds, and a world of 2 shows what it has to show.
+        for check in ((check_ddp, check_channel_mismatch,
+                       check_bad_input_raises_before_any_collective)
+                      + ((check_compiled,) if world == 2 else ())):
             torch.manual_seed(seed)
             check(rank, world)
     except BaseException:  # spawn reports one rank's error: print every rank's
@@ -361,3 +389,13 @@ START_METHOD = "spawn" if ON_GPU else "fork"
 def test_group(world):
     mp.start_processes(_group_worker, args=(world, _free_port(), torch.initial_seed()),
                        nprocs=world, start_method=START_METHOD)
+
+
+def test_bench_script_runs():
+    """perf/sync_bench.py, which the GPU runs, on a tiny shape (forked here, as above)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))
+    try:
+        import sync_bench
+    finally:
+        sys.path.pop(0)
+    sync_bench.main(["--tiny"])

@@ -1,4 +1,5 @@
-"""SyncBatchNormAct: BatchNorm + activation whose training statistics span a process group.
+"""SyncBatchNormAct: BatchNorm (+ residual) + activation whose training statistics span a
+process group.
 
 Training in a group of two or more processes takes one collective each way:
 
@@ -24,10 +25,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import activation_code, check_inputs
-from .kernels.forward import accumulate_dtype
+from .dtypes import accumulate_dtype
+from .functional import check_inputs
 from .modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _BatchNormActMixin
-from .ops import _walkable
+from .ops import backend, walkable
 
 
 def rank_stats(mean: Tensor, var: Tensor, count: int) -> Tensor:
@@ -63,11 +64,11 @@ def combine_rank_stats(blocks: Tensor, acc_dtype: torch.dtype):
 def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
                          num_batches_tracked: Optional[Tensor], momentum: Optional[float],
                          mean: Tensor, var: Tensor, total: Tensor) -> None:
-    """nn.BatchNorm's update from the group's statistics, in float64 on the device, so every
-    rank computes the same bits. A group whose whole batch is empty changes nothing."""
-    counted = total > 0
+    """nn.SyncBatchNorm's update from the group's statistics, in float64 on the device, so
+    every rank computes the same bits. A group whose whole batch is empty counts in
+    num_batches_tracked alone, as in nn.BatchNorm."""
     if num_batches_tracked is not None:
-        num_batches_tracked.add_(counted[0])
+        num_batches_tracked.add_(1)
     if running_mean is None:
         return
     # momentum=None: the cumulative average, 1 / num_batches_tracked (0 without a count).
@@ -75,6 +76,7 @@ def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[T
         0.0 if num_batches_tracked is None else 1.0 / num_batches_tracked.double())
     batch_mean = mean[0].double() + mean[1].double()
     unbiased = var.double() * total / (total - 1)
+    counted = total > 0
     for buffer, batch in ((running_mean, batch_mean), (running_var, unbiased)):
         buffer.copy_(torch.where(counted, m * batch + (1 - m) * buffer.double(), buffer))
 
@@ -95,11 +97,11 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, state):
         (running_mean, running_var, num_batches_tracked, momentum, eps, activation,
          activation_param, group, world) = state
-        backend = _backend(x)
+        launchers = backend(x)
         C, count = x.shape[1], x.numel() // x.shape[1]
         if count:
-            x, residual = _walkable(x), None if residual is None else _walkable(residual)
-            block = rank_stats(*backend.batch_stats(x, None, None, momentum), count)
+            x, residual = walkable(x), walkable(residual)
+            block = rank_stats(*launchers.batch_stats(x, None, None, momentum), count)
         else:
             block = x.new_zeros((4, C), dtype=torch.float64)
         blocks = block.new_empty((world * 4, C))
@@ -112,18 +114,18 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         ctx.state = eps, activation, activation_param, group
         if not count:
             return torch.empty_like(x)
-        return backend.normalize_act(x, mean, var, weight, bias, residual, eps, activation,
-                                     activation_param)
+        return launchers.normalize_act(x, mean, var, weight, bias, residual, eps, activation,
+                                       activation_param)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, residual, mean, var, total = ctx.saved_tensors
         eps, activation, activation_param, group = ctx.state
-        backend = _backend(x)
+        launchers = backend(x)
         if x.numel():
-            dy = _walkable(dy)
-            sums, dresidual = backend.grad_reduce(dy, x, mean, var, weight, bias, residual, eps,
-                                                  activation, activation_param)
+            dy = walkable(dy)
+            sums, dresidual = launchers.grad_reduce(dy, x, mean, var, weight, bias, residual,
+                                                    eps, activation, activation_param)
         else:
             sums = mean.new_zeros((2, x.shape[1]))
             dresidual = None if residual is None else torch.empty_like(residual)
@@ -133,18 +135,17 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:  # the same on every rank, so all of them reduce or none
             dist.all_reduce(sums, group=group)
-            dx = torch.empty_like(x)
-            if x.numel():
-                # sums pre-divided by the group's count, which lives on the device.
-                dx = backend.grad_input(dy, x, mean, var, weight, bias, residual, dresidual,
-                                        (sums / total).to(sums.dtype), 1, eps, activation,
-                                        activation_param)
+            # sums pre-divided by the group's count, which lives on the device.
+            dx = launchers.grad_input(dy, x, mean, var, weight, bias, residual, dresidual,
+                                      (sums / total).to(sums.dtype), 1, eps, activation,
+                                      activation_param) if x.numel() else torch.empty_like(x)
         return dx, dweight, dbias, dresidual, None
 
 
 class SyncBatchNormAct(_BatchNormActMixin, _BatchNorm):
-    """nn.SyncBatchNorm followed by an activation, as one fused op: (N, C, ...) input of any
-    rank >= 2, the state_dict and ``process_group`` attribute of nn.SyncBatchNorm.
+    """nn.SyncBatchNorm followed by an activation, with an optional residual added before it,
+    as one fused op: (N, C, ...) input of any rank >= 2, the state_dict and ``process_group``
+    attribute of nn.SyncBatchNorm, the activation arguments of BatchNormAct*d.
 
     Training in an initialised process group of two or more ranks (``process_group``, or the
     default group when None) normalizes with the statistics of the whole group's batch: ranks
@@ -170,31 +171,35 @@ class SyncBatchNormAct(_BatchNormActMixin, _BatchNorm):
     nn.SyncBatchNorm: DistributedDataParallel refuses that class in CPU models.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
-                 activation: str = "relu", process_group=None, device=None, dtype=None,
-                 **kwargs) -> None:
-        """kwargs: further keyword arguments of nn.SyncBatchNorm (bias= where PyTorch has
-        it)."""
+                 activation: str = "relu", activation_kwargs: Optional[dict] = None,
+                 process_group=None, device=None, dtype=None, **kwargs) -> None:
+        """activation: a name from tritonbn.SUPPORTED_ACTIVATIONS; activation_kwargs: its
+        keyword arguments as torch.nn.functional takes them. kwargs: further keyword
+        arguments of nn.SyncBatchNorm (bias= where PyTorch has it)."""
         super().__init__(num_features, eps, momentum, affine, track_running_stats, activation,
-                         device, dtype, **kwargs)
+                         activation_kwargs, device, dtype, **kwargs)
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """activation(batch_norm(input) + residual); residual: None, or a tensor of input's
+        shape, dtype and device, in any layout."""
         self._check_input_dim(input)
         if input.dim() > 5:  # the layer sees (N, C, S) anyway; the checks stop at 5 dims
-            return self.forward(input.flatten(2)).view(input.shape)
+            flat = None if residual is None else residual.flatten(2)
+            return self.forward(input.flatten(2), flat).view(input.shape)
         group = self._sync_group()
         if group is None:
-            return super().forward(input)
+            return super().forward(input, residual)
         if torch.compiler.is_compiling():
             # A graph break; disabled here, not at import: the decorator imports torch._dynamo.
-            return torch.compiler.disable(_sync_forward)(self, input, group)
-        return _sync_forward(self, input, group)
+            return torch.compiler.disable(_sync_forward)(self, input, residual, group)
+        return _sync_forward(self, input, residual, group)
 
     def _sync_group(self):
         """The process group to reduce over in this call, or None for none."""
@@ -204,16 +209,19 @@ class SyncBatchNormAct(_BatchNormActMixin, _BatchNorm):
         return group if dist.get_world_size(group) > 1 else None
 
 
-def _sync_forward(layer: SyncBatchNormAct, input: Tensor, group) -> Tensor:
+def _sync_forward(layer: SyncBatchNormAct, input: Tensor, residual: Optional[Tensor],
+                  group) -> Tensor:
     tracked = layer.track_running_stats
     running_mean = layer.running_mean if tracked else None
     running_var = layer.running_var if tracked else None
-    # A rank may hold one value per channel, or none: only the group's count matters.
-    check_inputs(input[:0], running_mean, running_var, layer.weight, layer.bias, True)
+    # Checked on empty slices: a rank may hold one value per channel, or none; only the
+    # group's count matters.
+    check_inputs(input[:0], running_mean, running_var, layer.weight, layer.bias, True,
+                 None if residual is None else residual[:0])
     state = (running_mean, running_var, layer.num_batches_tracked if tracked else None,
-             layer.momentum, layer.eps, activation_code(layer.activation), 0.0, group,
+             layer.momentum, layer.eps, *layer._activation_spec(), group,
              dist.get_world_size(group))
-    return _SyncBatchNormActFunction.apply(input, layer.weight, layer.bias, None, state)
+    return _SyncBatchNormActFunction.apply(input, layer.weight, layer.bias, residual, state)
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
@@ -239,13 +247,13 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
 def _converted(module: nn.Module, process_group) -> Optional[nn.Module]:
     """module's synchronised twin, holding module's own tensors, or None if it has none."""
     if type(module) in (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d):
-        activation = module.activation
+        activation, kwargs = module.activation, module.activation_kwargs
     elif type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-        activation = "identity"
+        activation, kwargs = "identity", None
     else:
         return None
     twin = SyncBatchNormAct(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, activation, process_group,
+                            module.track_running_stats, activation, kwargs, process_group,
                             device="meta")
     # Overwrites every placeholder the constructor made (the same flags, so the same names).
     for name, param in module._parameters.items():
@@ -256,72 +264,3 @@ def _converted(module: nn.Module, process_group) -> Optional[nn.Module]:
     if hasattr(module, "qconfig"):
         twin.qconfig = module.qconfig
     return twin.train(module.training)
-
-
-# --- Stopgap until the kernels take the shifted [2, C] mean and a residual: the same four
-# functions in plain PyTorch, with the contracts of tritonbn.kernels. ---
-def _backend(x: Tensor):
-    return _Stopgap
-
-
-class _Stopgap:
-    ACTS = {0: (lambda z: z, lambda z: torch.ones_like(z)),
-            1: (torch.relu, lambda z: (z > 0).to(z.dtype)),
-            2: (torch.sigmoid, lambda z: torch.sigmoid(z) * (1 - torch.sigmoid(z)))}
-
-    @staticmethod
-    def _pc(t, ndim):
-        return t.reshape((1, -1) + (1,) * (ndim - 2))
-
-    @staticmethod
-    def _dims(x):
-        return [0] + list(range(2, x.dim()))
-
-    @staticmethod
-    def batch_stats(x, running_mean, running_var, momentum, num_batches_tracked=None):
-        acc = accumulate_dtype(x.dtype)
-        shift = x.transpose(0, 1).reshape(x.shape[1], -1)[:, 0].to(acc)
-        d = x.to(acc) - _Stopgap._pc(shift, x.dim())
-        var, mean = torch.var_mean(d, dim=_Stopgap._dims(x), correction=0)
-        return torch.stack([shift, mean]), var
-
-    @staticmethod
-    def _z(x, mean, var, weight, bias, residual, eps):
-        acc = accumulate_dtype(x.dtype)
-        pc = _Stopgap._pc
-        rstd = torch.rsqrt(var.to(acc) + eps)
-        xhat = ((x.to(acc) - pc(mean[0], x.dim())) - pc(mean[1], x.dim())) * pc(rstd, x.dim())
-        z = xhat
-        if weight is not None:
-            z = z * pc(weight.to(acc), x.dim())
-        if bias is not None:
-            z = z + pc(bias.to(acc), x.dim())
-        if residual is not None:
-            z = z + residual.to(acc)
-        return xhat, z, rstd
-
-    @staticmethod
-    def normalize_act(x, mean, var, weight, bias, residual, eps, activation, activation_param):
-        _, z, _ = _Stopgap._z(x, mean, var, weight, bias, residual, eps)
-        return torch.empty_like(x).copy_(_Stopgap.ACTS[activation][0](z))
-
-    @staticmethod
-    def grad_reduce(dy, x, mean, var, weight, bias, residual, eps, activation,
-                    activation_param):
-        xhat, z, _ = _Stopgap._z(x, mean, var, weight, bias, residual, eps)
-        g = dy.to(z.dtype) * _Stopgap.ACTS[activation][1](z)
-        dims = _Stopgap._dims(x)
-        sums = torch.stack([g.sum(dims), (g * xhat).sum(dims)])
-        return sums, None if residual is None else torch.empty_like(x).copy_(g)
-
-    @staticmethod
-    def grad_input(dy, x, mean, var, weight, bias, residual, dresidual, sums, count, eps,
-                   activation, activation_param):
-        xhat, z, rstd = _Stopgap._z(x, mean, var, weight, bias, residual, eps)
-        g = dy.to(z.dtype) * _Stopgap.ACTS[activation][1](z)
-        pc = _Stopgap._pc
-        scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
-        dx = pc(scale, x.dim()) * (g - pc(sums[0] / count, x.dim())
-                                   - xhat * pc(sums[1] / count, x.dim()))
-        return torch.empty_like(x).copy_(dx)
-
