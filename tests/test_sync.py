@@ -6,6 +6,7 @@ the real kernels run in them. Every rank's output, input gradient, parameter gra
 over the group) and running statistics are held against float64 PyTorch over the
 concatenated batch, within twice the error of eager float32 PyTorch on that batch.
 """
+import copy
 import datetime
 import socket
 import sys
@@ -327,6 +328,17 @@ def check_compiled(rank, world):
         assert torch.equal(got, expected)
 
 
+def check_copies_share_the_group(rank, world):
+    """A deep copy of a model holding a process group (which cannot be copied) uses the
+    same group and owns its own tensors."""
+    group = dist.new_group()
+    model = nn.Sequential(nn.Linear(3, 3), SyncBatchNormAct(3, process_group=group))
+    twin = copy.deepcopy(model)
+    assert twin[1].process_group is group
+    assert twin[1].running_mean is not model[1].running_mean
+    assert torch.equal(twin[1].running_var, model[1].running_var)
+
+
 def check_channel_mismatch(rank, world):
     """Layers that disagree on num_features: with torch.distributed's DETAIL debug level the
     collective raises on every rank, and the group stays usable."""
@@ -362,7 +374,7 @@ def _group_worker(rank, world, port, seed):
                 torch.manual_seed(seed)
                 check_layer(rank, world, **check)
         # Compiling costs seconds, and a world of 2 shows what it has to show.
-        for check in ((check_ddp, check_channel_mismatch,
+        for check in ((check_ddp, check_copies_share_the_group, check_channel_mismatch,
                        check_bad_input_raises_before_any_collective)
                       + ((check_compiled,) if world == 2 else ())):
             torch.manual_seed(seed)

@@ -18,6 +18,7 @@ few tiny kernels on [world, C] tensors; it keeps the statistics exact to float32
 is many times the standard deviation, which shifted sums alone would not across ranks whose
 shifts differ.
 """
+import copy
 from typing import Optional
 
 import torch
@@ -181,6 +182,14 @@ class SyncBatchNormAct(_BatchNormActMixin, _BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, activation,
                          activation_kwargs, device, dtype, **kwargs)
         self.process_group = process_group
+
+    def __deepcopy__(self, memo):
+        # A process group is a handle on the processes, not state to copy (nor can it be
+        # copied): copies share it.
+        memo[id(self.process_group)] = self.process_group
+        twin = memo[id(self)] = type(self).__new__(type(self))
+        twin.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return twin
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
