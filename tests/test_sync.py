@@ -133,6 +133,23 @@ def test_convert_sync_batchnorm_shares_everything():
     assert type(twin) is SyncBatchNormAct and twin.eps == 1e-3 and twin.weight is root.weight
 
 
+def test_fuse_bn_act_turns_syncbatchnorm_into_syncbatchnormact():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4, momentum=None), nn.ReLU())
+    model.to(DEVICE)
+    fused = tritonbn.fuse_bn_act(model)
+    layer = fused.get_submodule("1")
+    assert type(layer) is SyncBatchNormAct and layer.activation == "relu"
+    assert layer.momentum is None and layer.process_group is None
+    assert list(fused.state_dict()) == list(model.state_dict())
+    x = torch.randn(4, 3, 5, 3, device=DEVICE)
+    for training in (True, False):  # no process group: nn.SyncBatchNorm runs as BatchNorm
+        for m in (model, fused):
+            m.train(training)
+        assert max_err(fused(x), model(x)) < 1e-5
+    for got, expected in zip(fused.state_dict().values(), model.state_dict().values()):
+        assert max_err(got, expected) < 1e-6
+
+
 # --- in spawned gloo groups -------------------------------------------------------------
 
 # Each check: sizes[world] are the per-rank batch sizes, tail the dims after (N, C).

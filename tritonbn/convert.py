@@ -38,11 +38,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from .sync import SyncBatchNormAct
 
 logger = logging.getLogger(__name__)
 
 _FUSED_CLASSES = {nn.BatchNorm1d: BatchNormAct1d, nn.BatchNorm2d: BatchNormAct2d,
-                  nn.BatchNorm3d: BatchNormAct3d}
+                  nn.BatchNorm3d: BatchNormAct3d, nn.SyncBatchNorm: SyncBatchNormAct}
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid"}
 _ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu",
                          torch.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid"}
