@@ -4,7 +4,7 @@ The group tests start gloo groups of 2 and 3 processes, one start per world size
 every check (start-up is the cost). The children inherit TRITON_INTERPRET=1 from conftest, so
 the real kernels run in them. Every rank's output, input gradient, parameter gradients (summed
 over the group) and running statistics are held against float64 PyTorch over the
-concatenated batch, within twice the error of eager float32 PyTorch on that batch.
+concatenated batch, within twice the error of eager PyTorch in the same dtype on that batch.
 """
 import copy
 import datetime
@@ -150,7 +150,7 @@ def test_fuse_bn_act_turns_syncbatchnorm_into_syncbatchnormact():
         assert max_err(got, expected) < 1e-6
 
 
-# --- in spawned gloo groups -------------------------------------------------------------
+# --- in gloo groups of processes -------------------------------------------------------------
 
 # Each check: sizes[world] are the per-rank batch sizes, tail the dims after (N, C).
 LAYER_CHECKS = [
