@@ -181,12 +181,12 @@ def _normalize_kernel(
     # Both tiles are loaded ahead of both stores, which the compiler may not reorder.
     for n0 in range(n_lo, n_hi, BLOCK_N + PAIR_N):
         for s0 in range(s_lo, s_hi, BLOCK_S + PAIR_S):
-            x, r, mask = _load_x_r(x_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn,
+            x, r, mask = load_x_r(x_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn,
                                    stride_xc, stride_xs, stride_rn, stride_rc, stride_rs,
                                    HAS_RESIDUAL, BLOCK_N, BLOCK_S, INT64)
             if PAIR_N + PAIR_S > 0:
                 n1, s1 = n0 + PAIR_N, s0 + PAIR_S
-                x2, r2, mask2 = _load_x_r(x_ptr, r_ptr, n1, s1, c, n_hi, s_hi, c_mask,
+                x2, r2, mask2 = load_x_r(x_ptr, r_ptr, n1, s1, c, n_hi, s_hi, c_mask,
                                           stride_xn, stride_xc, stride_xs, stride_rn, stride_rc,
                                           stride_rs, HAS_RESIDUAL, BLOCK_N, BLOCK_S, INT64)
                 z2, _ = pre_activation(x2, r2, center, center_d, scale, bias, ACC, HAS_RESIDUAL)
@@ -198,7 +198,7 @@ def _normalize_kernel(
 
 
 @triton.jit
-def _load_x_r(x_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xc, stride_xs,
+def load_x_r(x_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xc, stride_xs,
               stride_rn, stride_rc, stride_rs, HAS_RESIDUAL: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
     """(x, residual or None, mask) of the tile at (n0, s0)."""

@@ -23,7 +23,7 @@ ACTIVATION_CASES = [(name, {}) for name in SUPPORTED_ACTIVATIONS] + [
     ("gelu", {"approximate": "tanh"})]
 LAYOUTS = ("contiguous", "channels_last")
 
-gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+gpu_only = pytest.mark.gpu  # skipped without a GPU: pytest_collection_modifyitems
 
 
 @pytest.fixture(autouse=True)
@@ -95,3 +95,21 @@ def float64_bn_act(x, running_mean, running_var, weight, bias, training, momentu
 
 def max_err(a, b) -> float:
     return (a.double() - b.double()).abs().max().item()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the tests marked gpu where there is none; `pytest -m gpu` selects them."""
+    if ON_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+import tritonbn  # noqa: E402  (after TRITON_INTERPRET is set)
+
+# name -> torch.nn.functional's function of that name (identity has none), for every name
+# tritonbn supports: tests widen with the list, and a name PyTorch lacks fails at collection.
+EAGER_ACTIVATIONS = {name: (lambda t: t) if name == "identity" else getattr(F, name)
+                     for name in tritonbn.SUPPORTED_ACTIVATIONS}

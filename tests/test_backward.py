@@ -94,6 +94,7 @@ def test_gradients_match_pytorch_module():
             assert (g - e).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("training, residual", [(True, False), (True, True), (False, True)],
                          ids=["train", "train-residual", "eval-residual"])
 @pytest.mark.parametrize("case", ACTIVATION_CASES, ids=case_id)

@@ -61,6 +61,7 @@ LARGE = [(128, 256, 56, 56), (16, 64, 16, 56, 56), (65536, 256)]
 LARGE_LAYOUTS = [("channels_last", torch.bfloat16), ("contiguous", torch.float32)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout, dtype", LARGE_LAYOUTS)
 @pytest.mark.parametrize("shape", LARGE, ids=str)
 def test_large_shapes_no_worse_than_eager(shape, layout, dtype):
@@ -77,6 +78,7 @@ def test_large_shapes_no_worse_than_eager(shape, layout, dtype):
         assert e_ours <= 2 * e_eager + 1e-6, (name, e_ours, e_eager)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout, dtype", LARGE_LAYOUTS)
 def test_large_relu_masks(layout, dtype):
     """With 1e8 elements a few z sit within rounding of 0, where ReLU's mask may flip between
@@ -98,6 +100,7 @@ def test_large_relu_masks(layout, dtype):
         assert wrong <= x.numel() // 10**6, wrong
 
 
+@pytest.mark.slow
 def test_past_two_to_the_31_elements():
     """Offsets past 2^31 must not wrap: check the statistics and the last elements."""
     shape = (2**31 // (4 * 4096) + 3, 4, 64, 64)  # just over 2^31 elements, bfloat16

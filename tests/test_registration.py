@@ -69,6 +69,7 @@ class ConvNet(nn.Module):
         return self.bn3(self.conv3(h))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
 def test_compile_fullgraph_matches_eager(backend):
     """aot_eager checks the capture (fullgraph, fake tensors, autograd); Inductor also lays out
@@ -122,6 +123,7 @@ def test_triton_kernels_run_under_the_interpreter(monkeypatch):
     assert calls == ["batch_stats", "normalize_act", "normalize_act_backward"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU path without the interpreter")
 def test_cpu_without_interpreter_runs_the_reference():
     script = ("import torch, tritonbn\n"
