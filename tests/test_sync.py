@@ -133,19 +133,32 @@ def test_convert_sync_batchnorm_shares_everything():
     assert type(twin) is SyncBatchNormAct and twin.eps == 1e-3 and twin.weight is root.weight
 
 
-def test_fuse_bn_act_turns_syncbatchnorm_into_syncbatchnormact():
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4, momentum=None), nn.ReLU())
-    model.to(DEVICE)
+class _SyncResidualBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.SyncBatchNorm(3, momentum=None)
+
+    def forward(self, x, skip):
+        return torch.relu(self.bn(self.conv(x)) + skip)
+
+
+@pytest.mark.parametrize("skip_shape", [(4, 3, 5, 3), (1, 3, 1, 1)], ids=["residual", "broadcast"])
+def test_fuse_bn_act_turns_syncbatchnorm_into_syncbatchnormact(skip_shape):
+    """Without a process group nn.SyncBatchNorm runs as BatchNorm, and so does the fused layer;
+    a residual that broadcasts takes fuse_bn_act's unfused fallback."""
+    model = _SyncResidualBlock().to(DEVICE)
     fused = tritonbn.fuse_bn_act(model)
-    layer = fused.get_submodule("1")
-    assert type(layer) is SyncBatchNormAct and layer.activation == "relu"
-    assert layer.momentum is None and layer.process_group is None
+    assert type(fused.bn) is SyncBatchNormAct and fused.bn.activation == "relu"
+    assert fused.bn.momentum is None and fused.bn.process_group is None
+    assert fused.fused_pairs[0].residual == "skip"
     assert list(fused.state_dict()) == list(model.state_dict())
     x = torch.randn(4, 3, 5, 3, device=DEVICE)
-    for training in (True, False):  # no process group: nn.SyncBatchNorm runs as BatchNorm
+    skip = torch.randn(skip_shape, device=DEVICE)
+    for training in (True, False):
         for m in (model, fused):
             m.train(training)
-        assert max_err(fused(x), model(x)) < 1e-5
+        assert max_err(fused(x, skip), model(x, skip)) < 1e-5
     for got, expected in zip(fused.state_dict().values(), model.state_dict().values()):
         assert max_err(got, expected) < 1e-6
 

@@ -189,14 +189,16 @@ class SyncBatchNormAct(_BatchNormActMixin, _BatchNorm):
         twin.__setstate__(copy.deepcopy(self.__dict__, memo))
         return twin
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+    # nn.SyncBatchNorm's checks, which its forward also calls on this module when fuse_bn_act
+    # falls back to the unfused computation.
+    _check_input_dim = nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """activation(batch_norm(input) + residual); residual: None, or a tensor of input's
         shape, dtype and device, in any layout."""
         self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
         if input.dim() > 5:  # the layer sees (N, C, S) anyway; the checks stop at 5 dims
             flat = None if residual is None else residual.flatten(2)
             return self.forward(input.flatten(2), flat).view(input.shape)
