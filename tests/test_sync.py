@@ -4,7 +4,7 @@ The group tests start gloo groups of 2 and 3 processes, one start per world size
 every check (start-up is the cost). The children inherit TRITON_INTERPRET=1 from conftest, so
 the real kernels run in them. Every rank's output, input gradient, parameter gradients (summed
 over the group) and running statistics are held against float64 PyTorch over the
-concatenated batch, within twice the error of eager float32 PyTorch on that batch.
+concatenated batch, within twice the error of eager PyTorch in the same dtype on that batch.
 """
 import copy
 import datetime
@@ -50,14 +50,14 @@ def test_combined_statistics_at_large_mean(dtype):
         rank_stats(*backend.batch_stats(x, None, None, 0.1), x.numel() // C) if x.numel()
         else torch.zeros(4, C, dtype=torch.float64, device=DEVICE) for x in xs])
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    mean, var, total = combine_rank_stats(blocks, acc)
+    shift, mean_d, var, total = combine_rank_stats(blocks, acc)
     var64, mean64 = torch.var_mean(torch.cat(xs).double(), dim=(0, 2), correction=0)
-    assert mean.dtype == var.dtype == acc
+    assert torch.equal(shift.to(acc).double(), shift)  # the kernels subtract it exactly
     assert torch.equal(total, torch.full_like(total, sum(sizes) * 4))
     std, ulp, ulp64 = var64.sqrt(), torch.finfo(acc).eps, torch.finfo(torch.float64).eps
-    mean_err = (mean[0].double() + mean[1].double() - mean64).abs()
+    mean_err = (shift + mean_d.to(acc).double() - mean64).abs()
     assert (mean_err < 8 * ulp * std + 4 * ulp64 * mean64).all(), mean_err / std
-    var_err = (var.double() - var64).abs()
+    var_err = (var.to(acc).double() - var64).abs()
     assert (var_err < 16 * ulp * var64 + 4 * ulp64 * mean64 * std).all(), var_err / var64
 
 
@@ -133,7 +133,37 @@ def test_convert_sync_batchnorm_shares_everything():
     assert type(twin) is SyncBatchNormAct and twin.eps == 1e-3 and twin.weight is root.weight
 
 
-# --- in spawned gloo groups -------------------------------------------------------------
+class _SyncResidualBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.SyncBatchNorm(3, momentum=None)
+
+    def forward(self, x, skip):
+        return torch.relu(self.bn(self.conv(x)) + skip)
+
+
+@pytest.mark.parametrize("skip_shape", [(4, 3, 5, 3), (1, 3, 1, 1)], ids=["residual", "broadcast"])
+def test_fuse_bn_act_turns_syncbatchnorm_into_syncbatchnormact(skip_shape):
+    """Without a process group nn.SyncBatchNorm runs as BatchNorm, and so does the fused layer;
+    a residual that broadcasts takes fuse_bn_act's unfused fallback."""
+    model = _SyncResidualBlock().to(DEVICE)
+    fused = tritonbn.fuse_bn_act(model)
+    assert type(fused.bn) is SyncBatchNormAct and fused.bn.activation == "relu"
+    assert fused.bn.momentum is None and fused.bn.process_group is None
+    assert fused.fused_pairs[0].residual == "skip"
+    assert list(fused.state_dict()) == list(model.state_dict())
+    x = torch.randn(4, 3, 5, 3, device=DEVICE)
+    skip = torch.randn(skip_shape, device=DEVICE)
+    for training in (True, False):
+        for m in (model, fused):
+            m.train(training)
+        assert max_err(fused(x, skip), model(x, skip)) < 1e-5
+    for got, expected in zip(fused.state_dict().values(), model.state_dict().values()):
+        assert max_err(got, expected) < 1e-6
+
+
+# --- in gloo groups of processes -------------------------------------------------------------
 
 # Each check: sizes[world] are the per-rank batch sizes, tail the dims after (N, C).
 LAYER_CHECKS = [

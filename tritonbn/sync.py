@@ -43,7 +43,7 @@ def rank_stats(mean: Tensor, var: Tensor, count: int) -> Tensor:
 
 
 def combine_rank_stats(blocks: Tensor, acc_dtype: torch.dtype):
-    """The group's (mean [2, C], var [C]) in acc_dtype, and its count [C] in float64, from the
+    """The group's (shift, mean - shift, biased var, count), each [C] in float64, from the
     ranks' [world, 4, C] blocks (rank_stats), by Chan's formula:
     M2 = sum n_r var_r + sum n_r (mean_r - mean)^2.
 
@@ -58,16 +58,15 @@ def combine_rank_stats(blocks: Tensor, acc_dtype: torch.dtype):
     rank_mean = (shift - common) + mean_d
     group_mean = (count * rank_mean).sum(0) / total
     m2 = (count * (var + (rank_mean - group_mean).square())).sum(0)
-    mean = torch.stack([common, group_mean]).to(acc_dtype)
-    return mean, (m2 / total).to(acc_dtype), total
+    return common, group_mean, m2 / total, total
 
 
 def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
                          num_batches_tracked: Optional[Tensor], momentum: Optional[float],
                          mean: Tensor, var: Tensor, total: Tensor) -> None:
-    """nn.SyncBatchNorm's update from the group's statistics, in float64 on the device, so
-    every rank computes the same bits. A group whose whole batch is empty counts in
-    num_batches_tracked alone, as in nn.BatchNorm."""
+    """nn.SyncBatchNorm's update from the group's statistics (float64 mean, biased var and
+    count, each [C]), in float64 on the device, so every rank computes the same bits. A group
+    whose whole batch is empty counts in num_batches_tracked alone, as in nn.BatchNorm."""
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if running_mean is None:
@@ -75,11 +74,9 @@ def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[T
     # momentum=None: the cumulative average, 1 / num_batches_tracked (0 without a count).
     m = momentum if momentum is not None else (
         0.0 if num_batches_tracked is None else 1.0 / num_batches_tracked.double())
-    batch_mean = mean[0].double() + mean[1].double()
-    unbiased = var.double() * total / (total - 1)
     counted = total > 0
-    for buffer, batch in ((running_mean, batch_mean), (running_var, unbiased)):
-        buffer.copy_(torch.where(counted, m * batch + (1 - m) * buffer.double(), buffer))
+    for buffer, batch in ((running_mean, mean), (running_var, var * total / (total - 1))):
+        buffer.copy_(torch.where(counted, torch.lerp(buffer.double(), batch, m), buffer))
 
 
 def _all_gather(output: Tensor, input: Tensor, group) -> None:
@@ -107,10 +104,11 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
             block = x.new_zeros((4, C), dtype=torch.float64)
         blocks = block.new_empty((world * 4, C))
         _all_gather(blocks, block, group)
-        mean, var, total = combine_rank_stats(blocks.view(world, 4, C),
-                                              accumulate_dtype(x.dtype))
-        update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean,
-                             var, total)
+        acc = accumulate_dtype(x.dtype)
+        shift, mean_d, var, total = combine_rank_stats(blocks.view(world, 4, C), acc)
+        update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
+                             shift + mean_d, var, total)
+        mean, var = torch.stack([shift, mean_d]).to(acc), var.to(acc)
         ctx.save_for_backward(x, weight, bias, residual, mean, var, total)
         ctx.state = eps, activation, activation_param, group
         if not count:
@@ -191,14 +189,16 @@ class SyncBatchNormAct(_BatchNormActMixin, _BatchNorm):
         twin.__setstate__(copy.deepcopy(self.__dict__, memo))
         return twin
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+    # nn.SyncBatchNorm's checks, which its forward also calls on this module when fuse_bn_act
+    # falls back to the unfused computation.
+    _check_input_dim = nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """activation(batch_norm(input) + residual); residual: None, or a tensor of input's
         shape, dtype and device, in any layout."""
         self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
         if input.dim() > 5:  # the layer sees (N, C, S) anyway; the checks stop at 5 dims
             flat = None if residual is None else residual.flatten(2)
             return self.forward(input.flatten(2), flat).view(input.shape)
