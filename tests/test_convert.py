@@ -1,5 +1,6 @@
-"""fuse_bn_act: what it fuses and leaves alone, and that the converted model is the same model:
-outputs, gradients, running statistics and state_dict, in training and eval mode."""
+"""fuse_bn_act: what it fuses and leaves alone (and why), and that the converted model is the
+same model: outputs, gradients, running statistics and state_dict, in training and eval mode.
+torchvision and timm models: test_zoo.py."""
 import copy
 import logging
 
@@ -10,7 +11,7 @@ from torch import nn
 
 from conftest import DEVICE
 from tritonbn import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
-from tritonbn.convert import FusedPair, fuse_bn_act
+from tritonbn.convert import FusedPair, call_with_residual, fuse_bn_act
 
 # BatchNorm's backward subtracts two per-channel means from the incoming gradient: the last
 # bits of float32 sums that differ in order come out as relative errors of about 1e-5.
@@ -19,16 +20,17 @@ GRAD_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 
 @pytest.fixture(autouse=True)
 def exact_float32_matmul():
-    """TF32 convolutions would turn BatchNorm's last-bit differences into 1e-3 errors."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    """TF32 convolutions would turn BatchNorm's last-bit differences into 1e-3 errors. The
+    context manager, since torch.testing (test_module_db) freezes cudnn's global flags."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+        yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class BasicBlock(nn.Module):
-    """ResNet's basic block with its one shared ReLU: bn1 -> relu fuses, bn2 -> add -> relu
-    does not."""
+    """ResNet's basic block with its one shared ReLU: bn1 -> relu, and bn2 -> += x -> relu."""
 
     def __init__(self, channels: int = 4):
         super().__init__()
@@ -41,7 +43,8 @@ class BasicBlock(nn.Module):
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + x)
+        out += x
+        return self.relu(out)
 
 
 class SigmoidMLP(nn.Module):
@@ -79,7 +82,7 @@ class Functional(nn.Module):
 
 
 class SharedOutput(nn.Module):
-    """The BatchNorm's output also feeds the residual sum: fusing would feed it relu(y)."""
+    """The BatchNorm's output also feeds the sum: fusing would feed it relu(y)."""
 
     def __init__(self):
         super().__init__()
@@ -103,6 +106,26 @@ class DataDependent(nn.Module):
         return y
 
 
+class Head(nn.Module):
+    """Linear -> BatchNorm1d(3) -> then -> Linear: the smallest model around one pair. then is
+    a module, registered as `act` and applied to the BatchNorm's output y, or a function of y
+    and the model's second input r."""
+
+    def __init__(self, then):
+        super().__init__()
+        self.fc = nn.Linear(5, 3, bias=False)
+        self.bn = nn.BatchNorm1d(3)
+        self.out = nn.Linear(3, 2)
+        if isinstance(then, nn.Module):
+            self.act, self.then = then, None
+        else:
+            self.then = then
+
+    def forward(self, x, r):
+        y = self.bn(self.fc(x))
+        return self.out(self.act(y) if self.then is None else self.then(y, r))
+
+
 def sequential():
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
@@ -114,25 +137,32 @@ def sequential_3d():
     return nn.Sequential(nn.Conv3d(2, 3, 3, padding=1, bias=False), nn.BatchNorm3d(3), nn.ReLU())
 
 
-def assert_same_model(original: nn.Module, converted: nn.Module, make_input, train_steps=2):
+def assert_same_model(original: nn.Module, converted: nn.Module, make_inputs, train_steps=2,
+                      run_converted=None):
     """Train steps then one eval step on both: outputs, input and parameter gradients, and
     every state_dict entry (running statistics, num_batches_tracked) must match.
 
-    Outputs and statistics to float32's default tolerance; gradients to GRAD_TOLERANCE. (Layers
-    feeding a BatchNorm have no bias: in training its gradient is zero up to rounding noise.)"""
+    make_inputs returns a tensor or a tuple of them; run_converted (converted itself if not
+    given) runs the converted model. Outputs and statistics to float32's default tolerance;
+    gradients to GRAD_TOLERANCE. (Layers feeding a BatchNorm have no bias: in training its
+    gradient is zero up to rounding noise.)"""
+    run_converted = converted if run_converted is None else run_converted
     for training, steps in ((True, train_steps), (False, 1)):
         original.train(training)
         converted.train(training)
         for _ in range(steps):
-            x = make_input()
-            x_original = x.clone().requires_grad_()
-            x_converted = x.clone().requires_grad_()
-            y_original, y_converted = original(x_original), converted(x_converted)
+            inputs = make_inputs()
+            inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+            inputs_original = [t.clone().requires_grad_() for t in inputs]
+            inputs_converted = [t.clone().requires_grad_() for t in inputs]
+            y_original = original(*inputs_original)
+            y_converted = run_converted(*inputs_converted)
             torch.testing.assert_close(y_converted, y_original)
             grad = torch.randn_like(y_original)
             y_original.backward(grad)
             y_converted.backward(grad)
-            torch.testing.assert_close(x_converted.grad, x_original.grad, **GRAD_TOLERANCE)
+            for t_original, t_converted in zip(inputs_original, inputs_converted, strict=True):
+                torch.testing.assert_close(t_converted.grad, t_original.grad, **GRAD_TOLERANCE)
             named = zip(original.named_parameters(), converted.named_parameters(), strict=True)
             for (name, p_original), (name_converted, p_converted) in named:
                 assert name_converted == name
@@ -154,20 +184,30 @@ def assert_checkpoints_interchange(original: nn.Module, converted: nn.Module):
     fresh.load_state_dict(converted.state_dict(), strict=True)
 
 
-def randn(*shape, memory_format=torch.contiguous_format):
-    return lambda: torch.randn(*shape, device=DEVICE).contiguous(memory_format=memory_format)
+def randn(*shapes, memory_format=torch.contiguous_format):
+    """A maker of fresh inputs of these shapes (one shape: a tensor, several: a tuple)."""
+    def make():
+        inputs = tuple(torch.randn(*shape, device=DEVICE).contiguous(memory_format=memory_format)
+                       for shape in shapes)
+        return inputs if len(inputs) > 1 else inputs[0]
+    return make
 
 
-def test_basic_block_fuses_bn1_with_the_shared_relu_only():
+def head_inputs():
+    return randn((4, 5), (4, 3))
+
+
+def test_basic_block_fuses_bn1_with_relu_and_bn2_with_the_residual_and_relu():
     model = BasicBlock().to(DEVICE)
     converted = fuse_bn_act(model)
-    assert converted.fused_pairs == (FusedPair("bn1", "relu"),)
+    assert converted.fused_pairs == (FusedPair("bn1", "relu"), FusedPair("bn2", "relu", "x"))
+    assert converted.left_alone == {}
     assert type(converted.bn1) is BatchNormAct2d and converted.bn1.activation == "relu"
-    assert type(converted.bn2) is nn.BatchNorm2d
-    assert isinstance(converted.relu, nn.ReLU)  # still called after the residual sum
+    assert type(converted.bn2) is BatchNormAct2d and converted.bn2.activation == "relu"
+    assert isinstance(converted.relu, nn.ReLU)  # kept, though no call uses it any more
     assert_checkpoints_interchange(model, converted)
-    assert_same_model(model, converted, randn(2, 4, 5, 5))
-    assert_same_model(model, converted, randn(3, 4, 3, 3, memory_format=torch.channels_last),
+    assert_same_model(model, converted, randn((2, 4, 5, 5)))
+    assert_same_model(model, converted, randn((3, 4, 3, 3), memory_format=torch.channels_last),
                       train_steps=1)
 
 
@@ -179,19 +219,20 @@ def test_mlp_batchnorm1d_sigmoid():
     assert type(converted.bn1) is BatchNormAct1d and converted.bn1.activation == "sigmoid"
     assert converted.bn2.momentum is None
     assert_checkpoints_interchange(model, converted)
-    assert_same_model(model, converted, randn(4, 6))
+    assert_same_model(model, converted, randn((4, 6)))
 
 
 def test_sequential_modules():
     model = sequential().to(DEVICE)
     converted = fuse_bn_act(model)
     assert converted.fused_pairs == (FusedPair("1", "2"), FusedPair("3.1", "3.2"))
+    assert converted.left_alone == {"5": "it is an output of the model"}
     # A GraphModule now, not an nn.Sequential: submodules by path, not by index.
     assert converted.get_submodule("1").activation == "relu"
     assert converted.get_submodule("3.1").activation == "sigmoid"
     assert type(converted.get_submodule("5")) is nn.BatchNorm2d
     assert_checkpoints_interchange(model, converted)
-    assert_same_model(model, converted, randn(2, 2, 4, 3))
+    assert_same_model(model, converted, randn((2, 2, 4, 3)))
 
 
 def test_sequential_3d():
@@ -199,7 +240,7 @@ def test_sequential_3d():
     converted = fuse_bn_act(model)
     assert converted.fused_pairs == (FusedPair("1", "2"),)
     assert type(converted.get_submodule("1")) is BatchNormAct3d
-    assert_same_model(model, converted, randn(2, 2, 3, 2, 3), train_steps=1)
+    assert_same_model(model, converted, randn((2, 2, 3, 2, 3)), train_steps=1)
 
 
 def test_functional_relu():
@@ -210,15 +251,215 @@ def test_functional_relu():
                                      FusedPair("bn3", "torch.relu_"))
     assert converted.bn2.weight is None and converted.bn3.running_mean is None
     assert_checkpoints_interchange(model, converted)
-    assert_same_model(model, converted, randn(2, 3, 4, 4), train_steps=1)
+    assert_same_model(model, converted, randn((2, 3, 4, 4)), train_steps=1)
 
 
-def test_shared_output_is_left_alone():
-    model = SharedOutput().to(DEVICE)
+# (id, what follows the BatchNorm, activation, its kwargs, the consumer's name); modules are
+# registered as `act`.
+ACTIVATIONS = [
+    ("ReLU", nn.ReLU(), "relu", {}, "act"),
+    ("ReLU-inplace", nn.ReLU(inplace=True), "relu", {}, "act"),
+    ("ReLU6", nn.ReLU6(inplace=True), "relu6", {}, "act"),
+    ("LeakyReLU", nn.LeakyReLU(0.2), "leaky_relu", {"negative_slope": 0.2}, "act"),
+    ("ELU", nn.ELU(alpha=0.7, inplace=True), "elu", {"alpha": 0.7}, "act"),
+    ("SiLU", nn.SiLU(), "silu", {}, "act"),
+    ("Hardswish", nn.Hardswish(), "hardswish", {}, "act"),
+    ("Hardsigmoid", nn.Hardsigmoid(), "hardsigmoid", {}, "act"),
+    ("GELU", nn.GELU(), "gelu", {"approximate": "none"}, "act"),
+    ("GELU-tanh", nn.GELU(approximate="tanh"), "gelu", {"approximate": "tanh"}, "act"),
+    ("Mish", nn.Mish(), "mish", {}, "act"),
+    ("Sigmoid", nn.Sigmoid(), "sigmoid", {}, "act"),
+    ("Tanh", nn.Tanh(), "tanh", {}, "act"),
+    ("F.relu6", lambda y: F.relu6(y, inplace=True), "relu6", {}, "torch.nn.functional.relu6"),
+    ("F.leaky_relu", lambda y: F.leaky_relu(y, 0.3), "leaky_relu", {"negative_slope": 0.3},
+     "torch.nn.functional.leaky_relu"),
+    ("F.leaky_relu_", lambda y: F.leaky_relu_(y), "leaky_relu", {"negative_slope": 0.01},
+     "torch.nn.functional.leaky_relu_"),
+    ("F.elu", lambda y: F.elu(y, alpha=1.5), "elu", {"alpha": 1.5}, "torch.nn.functional.elu"),
+    ("F.elu_", lambda y: F.elu_(y, 0.5), "elu", {"alpha": 0.5}, "torch.nn.functional.elu_"),
+    ("F.silu", lambda y: F.silu(y, inplace=True), "silu", {}, "torch.nn.functional.silu"),
+    ("F.hardswish", F.hardswish, "hardswish", {}, "torch.nn.functional.hardswish"),
+    ("F.hardsigmoid", F.hardsigmoid, "hardsigmoid", {}, "torch.nn.functional.hardsigmoid"),
+    ("F.gelu-tanh", lambda y: F.gelu(y, approximate="tanh"), "gelu", {"approximate": "tanh"},
+     "torch.nn.functional.gelu"),
+    ("F.mish", F.mish, "mish", {}, "torch.nn.functional.mish"),
+    ("F.tanh", F.tanh, "tanh", {}, "Tensor.tanh"),
+    ("torch.tanh_", torch.tanh_, "tanh", {}, "torch.tanh_"),
+    ("Tensor.relu_", lambda y: y.relu_(), "relu", {}, "Tensor.relu_"),
+    ("Tensor.sigmoid_", lambda y: y.sigmoid_(), "sigmoid", {}, "Tensor.sigmoid_"),
+]
+
+
+@pytest.mark.parametrize("then, activation, kwargs, consumer",
+                         [case[1:] for case in ACTIVATIONS], ids=[case[0] for case in ACTIVATIONS])
+def test_every_activation_fuses_with_its_kwargs(then, activation, kwargs, consumer):
+    follow = copy.deepcopy(then) if isinstance(then, nn.Module) else (lambda y, r: then(y))
+    model = Head(follow).to(DEVICE)
+    converted = fuse_bn_act(model)
+    assert converted.fused_pairs == (FusedPair("bn", consumer),)
+    assert converted.bn.activation == activation and converted.bn.activation_kwargs == kwargs
+    assert_same_model(model, converted, head_inputs(), train_steps=1)
+
+
+def add_in_place_then_leaky_relu(y, r):
+    y += r
+    return F.leaky_relu(y, 0.2)
+
+
+# (id, BatchNorm output y and other tensor r -> what the model computes, fused activation)
+RESIDUAL_ADDS = [
+    ("y+r", lambda y, r: F.silu(y + r), "silu"),
+    ("r+y", lambda y, r: torch.relu_(r + y), "relu"),
+    ("y+=r", add_in_place_then_leaky_relu, "leaky_relu"),
+    ("torch.add", lambda y, r: torch.add(r, y, alpha=1).tanh(), "tanh"),
+    ("Tensor.add", lambda y, r: F.hardswish(y.add(r)), "hardswish"),
+    ("Tensor.add_", lambda y, r: F.elu(y.add_(r), 0.5, inplace=True), "elu"),
+    ("no-activation", lambda y, r: y + r, "identity"),
+]
+
+
+@pytest.mark.parametrize("then, activation", [case[1:] for case in RESIDUAL_ADDS],
+                         ids=[case[0] for case in RESIDUAL_ADDS])
+def test_residual_add_in_every_form_and_order(then, activation):
+    model = Head(then).to(DEVICE)
+    converted = fuse_bn_act(model)
+    (pair,) = converted.fused_pairs
+    assert pair.bn == "bn" and pair.residual == "r"
+    assert (pair.activation is None) == (activation == "identity")
+    assert converted.bn.activation == activation
+    assert_same_model(model, converted, head_inputs(), train_steps=1)
+
+
+def test_add_result_with_two_consumers_fuses_the_add_alone():
+    model = Head(lambda y, r: (lambda s: F.relu(s) * s)(y + r)).to(DEVICE)
+    converted = fuse_bn_act(model)
+    assert converted.fused_pairs == (FusedPair("bn", None, "r"),)
+    assert converted.bn.activation == "identity"
+    assert_same_model(model, converted, head_inputs(), train_steps=1)
+
+
+@pytest.mark.parametrize("then, reason", [
+    (lambda y, r: F.relu(torch.add(y, r, alpha=2)), "feeds torch.add with alpha or out"),
+    (lambda y, r: F.relu(y + 1.5), "feeds operator.add of a constant"),
+    (lambda y, r: F.relu(y + y), "feeds an add of its own output"),
+    (lambda y, r: F.relu(r.add_(y)), "feeds an add_ that writes into the other operand"),
+    (lambda y, r: F.relu(y * r), "feeds operator.mul"),
+    (lambda y, r: F.celu(y), "feeds torch.nn.functional.celu"),
+    (lambda y, r: F.leaky_relu(y, r.sum()), "feeds torch.nn.functional.leaky_relu"),
+    (lambda y, r: r, "its output is unused"),
+], ids=["alpha", "constant", "itself", "add_-into-r", "mul", "celu", "traced-slope", "unused"])
+def test_left_alone_with_its_reason(then, reason):
+    model = Head(then)
     converted = fuse_bn_act(model)
     assert converted.fused_pairs == ()
+    assert converted.left_alone == {"bn": reason}
     assert type(converted.bn) is nn.BatchNorm1d
-    assert_same_model(model, converted, randn(4, 5), train_steps=1)
+
+
+class TwoBranches(nn.Module):
+    """relu(bn_a(x) + bn_b(x)), with an in-place op between the two BatchNorms or not."""
+
+    def __init__(self, in_place_between: bool):
+        super().__init__()
+        self.in_place_between = in_place_between
+        self.fc_a, self.fc_b = nn.Linear(4, 3, bias=False), nn.Linear(4, 3, bias=False)
+        self.bn_a, self.bn_b = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        a = self.bn_a(self.fc_a(x))
+        h = self.fc_b(x)
+        if self.in_place_between:
+            h = F.silu(h, inplace=True)
+        return F.relu(a + self.bn_b(h))
+
+
+@pytest.mark.parametrize("in_place_between", [False, True], ids=["first", "second"])
+def test_an_add_of_two_batchnorms_goes_to_the_first_that_can_move(in_place_between):
+    model = TwoBranches(in_place_between).to(DEVICE)
+    converted = fuse_bn_act(model)
+    winner, loser = ("bn_b", "bn_a") if in_place_between else ("bn_a", "bn_b")
+    assert converted.fused_pairs == (FusedPair(winner, "torch.nn.functional.relu", loser),)
+    assert converted.left_alone == {loser: (
+        "what runs between it and its add writes in place or uses it" if in_place_between
+        else "feeds an add fused with bn_a")}
+    assert_same_model(model, converted, randn((5, 4)), train_steps=1)
+
+
+def test_residual_produced_by_another_fused_pair():
+    """The residual is the output of a pair fused before it: the call uses the new node."""
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn1, self.bn2, self.act = nn.BatchNorm1d(3), nn.BatchNorm1d(3), nn.ReLU6()
+
+        def forward(self, x):
+            h = self.act(self.bn1(x))
+            return self.act(self.bn2(h * 2) + h)
+
+    model = Chain().to(DEVICE)
+    converted = fuse_bn_act(model)
+    assert converted.fused_pairs == (FusedPair("bn1", "act"), FusedPair("bn2", "act", "act"))
+    assert_same_model(model, converted, randn((4, 3)), train_steps=1)
+
+
+def test_no_op_modules_are_passed_through():
+    class NoOps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn1, self.bn2 = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+            self.skip, self.drop = nn.Identity(), nn.Dropout(p=0.0)
+
+        def forward(self, x, r):
+            h = F.gelu(self.skip(self.bn1(x)))
+            return self.drop(self.drop(self.bn2(h)) + r).relu()
+
+    model = NoOps().to(DEVICE)
+    converted = fuse_bn_act(model)
+    assert converted.fused_pairs == (FusedPair("bn1", "torch.nn.functional.gelu"),
+                                     FusedPair("bn2", "Tensor.relu", "r"))
+    assert_same_model(model, converted, randn((4, 3), (4, 3)), train_steps=1)
+
+
+@pytest.mark.parametrize("module, reason", [
+    (nn.Dropout(p=0.1), "feeds a Dropout whose p > 0"),
+    (nn.Dropout(p=0.1).eval(), "feeds a Dropout whose p > 0"),  # mode can change later
+    (nn.Identity(), "feeds a Identity that has hooks"),
+])
+def test_what_is_not_a_no_op(module, reason):
+    if isinstance(module, nn.Identity):
+        module.register_forward_hook(lambda *args: None)
+    model = Head(nn.Sequential(module, nn.ReLU()))
+    assert fuse_bn_act(model).left_alone == {"bn": reason}
+
+
+def test_residual_of_another_shape_or_dtype_falls_back_to_unfused_math():
+    """A broadcast or promoting add is fused too (a graph does not show shapes), and computed
+    unfused at run time."""
+    model = Head(lambda y, r: F.silu(y + r)).to(DEVICE)
+    converted = fuse_bn_act(model)
+    assert converted.fused_pairs == (FusedPair("bn", "torch.nn.functional.silu", "r"),)
+    assert_same_model(model, converted, randn((4, 5), (1, 3)), train_steps=1)  # broadcast
+    assert_same_model(model, converted, randn((4, 5), (4, 1)), train_steps=1)
+    assert_same_model(model.double(), converted.double(),
+                      lambda: (torch.randn(4, 5, device=DEVICE, dtype=torch.float64),
+                               torch.randn(4, 3, device=DEVICE)), train_steps=1)
+
+
+def test_call_with_residual_runs_the_fused_module_only_for_a_matching_residual(monkeypatch):
+    bn = BatchNormAct1d(3, activation="leaky_relu", activation_kwargs={"negative_slope": 0.2},
+                        device=DEVICE)
+    calls = []
+    monkeypatch.setattr(BatchNormAct1d, "forward",
+                        lambda self, x, r=None: calls.append(r) or torch.zeros_like(x))
+    x = torch.randn(4, 3, device=DEVICE)
+    r = torch.randn(4, 3, device=DEVICE)
+    assert torch.equal(call_with_residual(bn, x, r), torch.zeros_like(x))
+    assert calls == [r]
+    wide = torch.randn(3, device=DEVICE)
+    expected = F.leaky_relu(F.batch_norm(x, None, None, bn.weight, bn.bias, training=True)
+                            + wide, 0.2)
+    torch.testing.assert_close(call_with_residual(bn, x, wide), expected)
+    assert len(calls) == 1 and bn.num_batches_tracked.item() == 1
 
 
 def test_batchnorm_called_twice_fuses_only_if_both_calls_do():
@@ -228,13 +469,31 @@ def test_batchnorm_called_twice_fuses_only_if_both_calls_do():
             self.bn, self.second_activation = nn.BatchNorm1d(3), second_activation
 
         def forward(self, x):
-            return F.relu(self.bn(x)) + self.second_activation(self.bn(2 * x))
+            return F.relu(self.bn(x) + x) + self.second_activation(self.bn(2 * x))
 
     both = fuse_bn_act(TwoCalls(torch.relu))
-    assert both.fused_pairs == (FusedPair("bn", "torch.nn.functional.relu"),
+    assert both.fused_pairs == (FusedPair("bn", "torch.nn.functional.relu", "x"),
                                 FusedPair("bn", "torch.relu"))
-    assert fuse_bn_act(TwoCalls(torch.sigmoid)).fused_pairs == ()
-    assert fuse_bn_act(TwoCalls(torch.tanh)).fused_pairs == ()
+    assert_same_model(TwoCalls(torch.relu).to(DEVICE), fuse_bn_act(TwoCalls(torch.relu)),
+                      randn((4, 3)), train_steps=1)
+    assert fuse_bn_act(TwoCalls(torch.sigmoid)).left_alone == {
+        "bn": "its calls are followed by different activations"}
+    assert fuse_bn_act(TwoCalls(F.celu)).left_alone == {"bn": "feeds torch.nn.functional.celu"}
+
+
+def test_a_call_does_not_move_past_another_call_of_its_module():
+    class Reused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            y = self.bn(x)
+            return F.relu(y + F.relu(self.bn(x * 2)))
+
+    converted = fuse_bn_act(Reused())
+    assert converted.left_alone == {
+        "bn": "what runs between it and its add writes in place or uses it"}
 
 
 def test_hooks_and_subclasses_are_left_alone():
@@ -246,9 +505,17 @@ def test_hooks_and_subclasses_are_left_alone():
         def forward(self, x):
             return F.leaky_relu(x)
 
+    class MyBatchNorm(nn.BatchNorm3d):
+        pass
+
     custom_act[2] = LeakyReLU()
-    for model in (hooked_bn, hooked_act, custom_act):
-        assert fuse_bn_act(model).fused_pairs == ()
+    custom_bn = sequential_3d()
+    custom_bn[1] = MyBatchNorm(3)
+    assert fuse_bn_act(hooked_bn).left_alone == {"1": "it has hooks"}
+    assert fuse_bn_act(hooked_act).left_alone == {"1": "feeds a ReLU that has hooks"}
+    assert fuse_bn_act(custom_act).fused_pairs == (  # traced through: F.leaky_relu
+        FusedPair("1", "torch.nn.functional.leaky_relu"),)
+    assert fuse_bn_act(custom_bn).left_alone == {"1": "it is a MyBatchNorm, not a plain BatchNorm"}
 
 
 def test_untraceable_model_warns_and_comes_back_unchanged():
@@ -257,8 +524,15 @@ def test_untraceable_model_warns_and_comes_back_unchanged():
         result = fuse_bn_act(model)
     assert result is not model and type(result) is DataDependent
     assert result.fused_pairs == ()
+    assert result.left_alone == {"bn": "torch.fx cannot trace the model"}
     assert type(result.bn) is nn.BatchNorm1d
-    assert_same_model(model, result, randn(4, 3))
+    assert_same_model(model, result, randn((4, 3)))
+
+
+def test_unused_batchnorm_is_reported():
+    model = SigmoidMLP()
+    model.spare = nn.BatchNorm1d(8)
+    assert fuse_bn_act(model).left_alone == {"spare": "it is not called by forward"}
 
 
 def test_input_model_is_untouched_and_state_carries_over():
@@ -279,28 +553,28 @@ def test_input_model_is_untouched_and_state_carries_over():
 
 
 def test_converting_twice_changes_nothing():
-    once = fuse_bn_act(BasicBlock())
+    once = fuse_bn_act(BasicBlock().to(DEVICE))
     twice = fuse_bn_act(once)
-    assert twice.fused_pairs == ()
+    assert twice.fused_pairs == () and twice.left_alone == {}
     assert type(twice.bn1) is BatchNormAct2d
     assert list(twice.state_dict()) == list(once.state_dict())
+    assert_same_model(once, twice, randn((2, 4, 3, 3)), train_steps=1)
+
+
+def test_compiles_without_graph_breaks():
+    model = BasicBlock().to(DEVICE)
+    converted = fuse_bn_act(model)
+    compiled = torch.compile(converted, fullgraph=True, backend="aot_eager")
+    assert_same_model(model, converted, randn((2, 4, 3, 3)), train_steps=1,
+                      run_converted=compiled)
 
 
 def test_reports_through_logging(caplog):
+    model = BasicBlock()
+    model.conv3 = nn.Conv2d(4, 4, 1)
+    model.bn3 = nn.BatchNorm2d(4)
     with caplog.at_level(logging.DEBUG, logger="tritonbn.convert"):
-        fuse_bn_act(BasicBlock())
+        fuse_bn_act(model)
     assert "fused bn1 + relu into BatchNormAct2d(activation=relu)" in caplog.text
-    assert "bn2 left alone" in caplog.text
-
-
-def test_torchvision_resnet50_fuses_bn1_and_bn2_of_every_bottleneck():
-    models = pytest.importorskip("torchvision.models")
-    model = models.resnet50(weights=None)
-    converted = fuse_bn_act(model)
-    bottlenecks = [name for name, module in model.named_modules()
-                   if type(module).__name__ == "Bottleneck"]
-    expected = [FusedPair("bn1", "relu")] + [
-        FusedPair(f"{block}.{bn}", f"{block}.relu") for block in bottlenecks
-        for bn in ("bn1", "bn2")]
-    assert list(converted.fused_pairs) == expected
-    assert_checkpoints_interchange(model, converted)
+    assert "fused bn2 + relu + x into BatchNormAct2d(activation=relu)" in caplog.text
+    assert "bn3 left alone: it is not called by forward" in caplog.text

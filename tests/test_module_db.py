@@ -96,7 +96,11 @@ def test_matches_pytorch_on_its_own_inputs(row, activation, dtype, training):
 
     expected = EAGER_ACTIVATIONS[activation](theirs(x))
     got = ours(x)
-    torch.testing.assert_close(got, expected)
+    # tanh and mish are built from exp and log in the kernels (kernels/activations.py): a few
+    # ulps from libm's, which a float32 gradient can carry past the default 1e-5.
+    loose = dtype == torch.float32 and activation in ("tanh", "mish")
+    tolerance = dict(rtol=1e-5, atol=1e-4) if loose else {}
+    torch.testing.assert_close(got, expected, **tolerance)
 
     dy = torch.randn_like(expected)
     their_leaves = [x] + list(theirs.parameters())
@@ -108,7 +112,8 @@ def test_matches_pytorch_on_its_own_inputs(row, activation, dtype, training):
         if expected_grad is None:
             assert grad is None, name
         else:
-            torch.testing.assert_close(grad, expected_grad, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(grad, expected_grad, msg=lambda m: f"{name}: {m}",
+                                       **tolerance)
 
     buffers = dict(ours.named_buffers())
     assert buffers.keys() == dict(theirs.named_buffers()).keys()

@@ -1,19 +1,42 @@
-"""fuse_bn_act(): rewrite a model so that each BatchNorm followed only by a ReLU or a sigmoid
-runs as one BatchNormAct module.
+"""fuse_bn_act(): rewrite a model so that each BatchNorm runs as one BatchNormAct module together
+with what follows it: an activation, a residual add, or a residual add and then an activation.
 
-The model is traced with torch.fx. A BatchNorm call qualifies when its output has exactly one
-consumer and that consumer is an activation taking nothing else as a tensor input: the module
-``nn.ReLU`` / ``nn.Sigmoid`` (inplace or not, shared between several calls or not), the
-functions ``F.relu``, ``F.relu_``, ``torch.relu``, ``torch.relu_``, ``torch.sigmoid``,
-``torch.sigmoid_``, or the Tensor methods ``relu``, ``relu_``, ``sigmoid``, ``sigmoid_``
-(``F.sigmoid`` traces as the method). The BatchNorm module is replaced, at its own attribute
-path and sharing its parameters and buffers, by the matching BatchNormAct with that activation,
-and the activation's call is dropped from the graph. A BatchNorm module called more than once
-is fused only if every one of its calls qualifies with the same activation.
+The model is traced with torch.fx. A call of an ``nn.BatchNorm1d/2d/3d`` qualifies when its
+output, passed on through no-op modules, has exactly one consumer, and that consumer is
 
-Left alone: modules of other types (subclasses of the BatchNorm and activation classes
-included, since they may change forward), BatchNorms or activation modules carrying hooks
-(fusing would change what the hooks see), and BatchNorms whose output feeds anything else.
+- an activation of that output alone: a module (``nn.ReLU``, ``nn.ReLU6``, ``nn.LeakyReLU``,
+  ``nn.ELU``, ``nn.SiLU``, ``nn.Hardswish``, ``nn.Hardsigmoid``, ``nn.GELU``, ``nn.Mish``,
+  ``nn.Sigmoid``, ``nn.Tanh``, with their settings), a function (``F.relu``,
+  ``F.leaky_relu(x, 0.2)``, ``F.gelu(x, approximate="tanh")``, ``torch.sigmoid_``, ...) or a
+  Tensor method (``relu``, ``sigmoid``, ``tanh``, in place or not): fused as that activation;
+- an add of one other tensor (``+``, ``+=``, ``torch.add``, ``Tensor.add``, ``Tensor.add_`` into
+  the BatchNorm's side, alpha 1, either operand order): fused with that tensor as the residual,
+  and with the activation the add's result feeds, found the same way, if it feeds only that;
+  with ``identity`` otherwise.
+
+timm's ``BatchNormAct2d`` (when timm builds the model) is converted too, with its own
+activation, when its drop layer is a no-op; if that activation is ``nn.Identity`` it continues
+like a plain BatchNorm into an activation or add after it, and is converted alone otherwise.
+
+No-op modules are ``nn.Identity``, and, with a drop rate of 0 at conversion time,
+``nn.Dropout``, torchvision's ``StochasticDepth`` and timm's ``DropPath`` and ``DropBlock2d``.
+A drop rate above 0 is never a no-op, not even in eval mode: the mode can change after the
+conversion. The stochastic modules stay leaves of the trace for that reason, so that their mode
+is read when the model runs, not baked in when it is traced.
+
+An add's other operand can have a different shape (a broadcast bias), dtype or device, which a
+graph does not show: a fused call with a residual goes through ``call_with_residual``, which
+checks them at run time and falls back to the unfused computation when they differ. A fused
+call with a residual runs where the add ran, so it is moved past what ran between the
+BatchNorm and the add; that is refused if something there writes in place, calls the same
+BatchNorm or reads its state. When both operands of an add come from qualifying BatchNorms, the
+first one that can move takes the add (in ResNet, ``bn3`` takes ``downsample.1`` as residual).
+
+The BatchNorm module is replaced, at its own attribute path and sharing its parameters and
+buffers, by the matching BatchNormAct; the fused activation and add calls leave the graph. A
+BatchNorm module called more than once is fused only if every call qualifies with the same
+activation. Left alone: other BatchNorm subclasses (their forward may differ), BatchNorms and
+consumers carrying hooks (fusing would change what the hooks see), and everything else.
 
 The result is a new ``torch.fx.GraphModule``; the input model is never modified. Its parameters,
 buffers and submodules are a deep copy of the model's own, at the same paths and in the same
@@ -28,55 +51,128 @@ a deep copy, with a warning that names the error and the line of the model's cod
 """
 import copy
 import logging
+import operator
 import os
 import traceback
 import warnings
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
+from .activations import activation_kwargs, activation_spec, eager_activation
 from .modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from .sync import SyncBatchNormAct
 
 logger = logging.getLogger(__name__)
 
 _FUSED_CLASSES = {nn.BatchNorm1d: BatchNormAct1d, nn.BatchNorm2d: BatchNormAct2d,
-                  nn.BatchNorm3d: BatchNormAct3d}
-_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid"}
-_ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu",
-                         torch.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid"}
-_ACTIVATION_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid",
-                       "sigmoid_": "sigmoid"}
+                  nn.BatchNorm3d: BatchNormAct3d, nn.SyncBatchNorm: SyncBatchNormAct}
+_PLAIN_CLASSES = {fused: plain for plain, fused in _FUSED_CLASSES.items()}
+# Classes of packages tritonbn does not depend on, by their qualified names.
+_TIMM_BATCHNORM_ACT = "timm.layers.norm_act.BatchNormAct2d"
+# Modules that return their input when their drop rate (the named attribute) is 0, in any mode.
+_DROP_RATES = {"torch.nn.modules.dropout.Dropout": "p",
+               "torchvision.ops.stochastic_depth.StochasticDepth": "p",
+               "timm.layers.drop.DropPath": "drop_prob",
+               "timm.layers.drop.DropBlock2d": "drop_prob"}
+
+# Activation -> its name and the parameters it takes after the input, in order.
+_ACTIVATION_MODULES = {
+    nn.ReLU: ("relu", ()), nn.ReLU6: ("relu6", ()),
+    nn.LeakyReLU: ("leaky_relu", ("negative_slope",)), nn.ELU: ("elu", ("alpha",)),
+    nn.SiLU: ("silu", ()), nn.Hardswish: ("hardswish", ()),
+    nn.Hardsigmoid: ("hardsigmoid", ()), nn.GELU: ("gelu", ("approximate",)),
+    nn.Mish: ("mish", ()), nn.Sigmoid: ("sigmoid", ()), nn.Tanh: ("tanh", ()),
+}
+_ACTIVATION_FUNCTIONS = {
+    F.relu: ("relu", ("inplace",)), torch.relu: ("relu", ()), torch.relu_: ("relu", ()),
+    F.relu6: ("relu6", ("inplace",)),
+    F.leaky_relu: ("leaky_relu", ("negative_slope", "inplace")),
+    F.leaky_relu_: ("leaky_relu", ("negative_slope",)),
+    F.elu: ("elu", ("alpha", "inplace")), F.elu_: ("elu", ("alpha", "scale", "input_scale")),
+    F.silu: ("silu", ("inplace",)), F.hardswish: ("hardswish", ("inplace",)),
+    F.hardsigmoid: ("hardsigmoid", ("inplace",)), F.gelu: ("gelu", ("approximate",)),
+    F.mish: ("mish", ("inplace",)),
+    torch.sigmoid: ("sigmoid", ()), torch.sigmoid_: ("sigmoid", ()),
+    torch.tanh: ("tanh", ()), torch.tanh_: ("tanh", ()),
+}
+_ACTIVATION_METHODS = {method: (method.rstrip("_"), ())
+                       for method in ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_")}
+# Parameters that leave the result as it is when they have these values (None: any value).
+_NEUTRAL_PARAMETERS = {"inplace": None, "scale": 1, "input_scale": 1}
+_ADDS = {(op, target) for op, targets in (("call_function", (operator.add, torch.add)),
+                                          ("call_method", ("add", "add_")))
+         for target in targets}
 _TORCH_DIR = os.path.dirname(torch.__file__)  # frames under it are not the model's code
 
 
 class FusedPair(NamedTuple):
-    """One fused call: the BatchNorm's module path and its consumer, named as a module path
-    (``layer1.0.relu``), a function (``torch.nn.functional.relu``) or a method (``Tensor.relu``)."""
+    """One fused call: the BatchNorm's module path, the activation it now applies and the
+    residual it now adds. The activation is named as a module path (``layer1.0.relu``; for
+    timm's BatchNormAct2d its ``act``), a function (``torch.nn.functional.relu``) or a method
+    (``Tensor.relu``), None when none was fused; the residual is named the same way after the
+    call that produced it (a forward argument by its name), None without a residual."""
 
     bn: str
-    activation: str
+    activation: Optional[str]
+    residual: Optional[str] = None
+
+
+def call_with_residual(bn: nn.Module, input: Tensor, residual: Tensor) -> Tensor:
+    """bn(input, residual) when residual has input's shape, dtype and device; otherwise the
+    computation the fusion replaced: plain BatchNorm, add (broadcasting, promoting), then
+    bn's activation."""
+    if (residual.shape == input.shape and residual.dtype == input.dtype
+            and residual.device == input.device):
+        return bn(input, residual)
+    activation = eager_activation(activation_spec(bn.activation, bn.activation_kwargs))
+    return activation(_PLAIN_CLASSES[type(bn)].forward(bn, input) + residual)
 
 
 class _Tracer(fx.Tracer):
-    """fx's default tracer that also keeps tritonbn's own modules as leaves, so that an
-    already converted model traces (and converts again to itself)."""
+    """fx's default tracer that also keeps as leaves every BatchNorm (subclasses too, whose
+    forward fx cannot trace: it checks the input's dims), tritonbn's own modules (so an already
+    converted model converts again to itself), and the stochastic drop modules, whose forward
+    depends on the mode."""
+
+    def __init__(self):
+        super().__init__(autowrap_functions=(call_with_residual,))
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return (isinstance(module, tuple(_FUSED_CLASSES.values()))
+        return (isinstance(module, nn.modules.batchnorm._BatchNorm)
+                or _class_name(module) in _DROP_RATES
                 or super().is_leaf_module(module, qualified_name))
 
 
+@dataclass
+class _Route:
+    """What one BatchNorm call fuses with: the activation (full kwargs) and its consumer's name,
+    the residual and the add that adds it, and the nodes the fused call replaces, in order."""
+
+    bn: fx.Node
+    activation: str = "identity"
+    kwargs: dict = field(default_factory=dict)
+    consumer: Optional[str] = None
+    add: Optional[fx.Node] = None
+    operand: int = 0  # the BatchNorm's side of the add
+    residual: Optional[fx.Node] = None
+    replaced: list = field(default_factory=list)
+    alone: Optional["_Route"] = None  # timm's identity BatchNormAct2d, should its add be taken
+
+
 def fuse_bn_act(model: nn.Module) -> nn.Module:
-    """A copy of model with every BatchNorm1d/2d/3d -> ReLU/sigmoid pair run as one
-    BatchNormAct1d/2d/3d (see the module docstring for what qualifies).
+    """A copy of model with every qualifying BatchNorm1d/2d/3d and the activation and residual
+    add after it run as one BatchNormAct1d/2d/3d (see the module docstring for what qualifies).
 
     Returns a ``torch.fx.GraphModule`` with the model's state_dict keys, train/eval modes,
     devices and dtypes. Its attribute ``fused_pairs`` lists what was fused, as ``FusedPair``
-    tuples in the order of the BatchNorms' first calls; each pair is also logged at INFO level,
-    each BatchNorm left alone at DEBUG level with the reason. An untraceable model comes back as
-    a deep copy with a warning and ``fused_pairs == ()``.
+    tuples in the order of the BatchNorms' first calls, and ``left_alone`` maps the path of every
+    other BatchNorm module to the reason it was not converted. Each pair is also logged at INFO
+    level, each BatchNorm left alone at DEBUG level. An untraceable model comes back as a deep
+    copy with a warning, ``fused_pairs == ()`` and every BatchNorm in ``left_alone``.
     """
     root = copy.deepcopy(model)
     try:
@@ -86,69 +182,318 @@ def fuse_bn_act(model: nn.Module) -> nn.Module:
                       f"({_describe(error)}); returning the model unchanged", stacklevel=2)
         unchanged = copy.deepcopy(model)  # tracing may have run side effects on root
         unchanged.fused_pairs = ()
+        unchanged.left_alone = {name: "torch.fx cannot trace the model"
+                                for name, _ in _batchnorm_modules(unchanged)}
         return unchanged
 
-    fused_pairs = []
-    for target, calls in _batchnorm_calls(root, graph).items():
-        bn = root.get_submodule(target)
-        consumers = [_fusable_consumer(root, node) for node in calls]
-        reason = _refusal(bn, consumers)
-        if reason:
-            logger.debug("fuse_bn_act: %s left alone: %s", target, reason)
+    calls = _batchnorm_calls(root, graph)
+    routes, refused = _plan(root, calls)
+    fused_pairs, fused_nodes = [], {}
+    for target, nodes in calls.items():
+        if target in refused:
             continue
-        activation = consumers[0][1]
-        _replace_submodule(root, target, _fused_module(bn, activation))
-        for node, (consumer, _) in zip(calls, consumers, strict=True):
-            pair = FusedPair(target, _consumer_name(consumer))
-            consumer.replace_all_uses_with(node)
-            graph.erase_node(consumer)
+        bn = root.get_submodule(target)
+        first = routes[nodes[0]]
+        fused_class = _fused_class(bn)
+        _replace_submodule(root, target, _fused_module(bn, fused_class, first))
+        for node in nodes:
+            pair = _rewrite(graph, routes[node], fused_nodes)
             fused_pairs.append(pair)
-            logger.info("fuse_bn_act: fused %s + %s into %s(activation=%s)", *pair,
-                        _FUSED_CLASSES[type(bn)].__name__, activation)
+            logger.info("fuse_bn_act: fused %s into %s(activation=%s)",
+                        " + ".join(filter(None, pair)), fused_class.__name__, first.activation)
     graph.lint()
     fused = _graph_module(root, graph)
     fused.fused_pairs = tuple(fused_pairs)
-    logger.info("fuse_bn_act: %d pair(s) fused in %s", len(fused_pairs), type(model).__name__)
+    fused.left_alone = {}
+    for name, module in _batchnorm_modules(model):
+        if name in calls and name not in refused:
+            continue
+        reason = refused.get(name) or _module_refusal(module) or "it is not called by forward"
+        fused.left_alone[name] = reason
+        logger.debug("fuse_bn_act: %s left alone: %s", name, reason)
+    logger.info("fuse_bn_act: %d call(s) fused in %s", len(fused_pairs), type(model).__name__)
     return fused
 
 
+def _batchnorm_modules(model: nn.Module):
+    """(path, module) of every BatchNorm in model that is not tritonbn's already."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and not isinstance(module, tuple(_FUSED_CLASSES.values()))]
+
+
+def _fused_class(module: nn.Module):
+    if _class_name(module) == _TIMM_BATCHNORM_ACT:
+        return BatchNormAct2d
+    return _FUSED_CLASSES.get(type(module))
+
+
 def _batchnorm_calls(root: nn.Module, graph: fx.Graph) -> dict[str, list[fx.Node]]:
-    """Calls of plain BatchNorm1d/2d/3d modules, grouped by module path, in graph order."""
+    """Calls of BatchNorm modules other than tritonbn's, grouped by module path, in graph
+    order."""
+    paths = {name for name, _ in _batchnorm_modules(root)}
     calls: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
-        if node.op == "call_module" and type(root.get_submodule(node.target)) in _FUSED_CLASSES:
+        if node.op == "call_module" and node.target in paths:
             calls.setdefault(node.target, []).append(node)
     return calls
 
 
-def _fusable_consumer(root: nn.Module, node: fx.Node) -> tuple[fx.Node, str] | None:
-    """(consumer, activation) if node's only consumer is a ReLU or sigmoid of node alone."""
-    if len(node.users) != 1:
-        return None
-    (consumer,) = node.users
-    if consumer.all_input_nodes != [node]:
-        return None
-    if consumer.op == "call_module":
-        module = root.get_submodule(consumer.target)
-        activation = None if _has_hooks(module) else _ACTIVATION_MODULES.get(type(module))
-    elif consumer.op == "call_function":
-        activation = _ACTIVATION_FUNCTIONS.get(consumer.target)
-    elif consumer.op == "call_method":
-        activation = _ACTIVATION_METHODS.get(consumer.target)
-    else:
-        activation = None
-    return (consumer, activation) if activation else None
+def _plan(root: nn.Module, calls: dict[str, list[fx.Node]]):
+    """(route of every call of a fused module, {module path: reason} of the modules refused).
+
+    Each add goes to the first of its qualifying BatchNorm operands, among modules not refused;
+    a module whose call lost its add is refused in turn, freeing its other adds: repeated until
+    nothing changes (at least one more module is refused each round)."""
+    refused = {target: reason for target in calls
+               for reason in [_module_refusal(root.get_submodule(target))] if reason}
+    candidates = {node: _route(root, node) for target, nodes in calls.items()
+                  if target not in refused for node in nodes}
+    while True:
+        live = {node: route for node, route in candidates.items()
+                if node.target not in refused}
+        claims: dict[fx.Node, _Route] = {}
+        for route in sorted((route for route in live.values()
+                             if isinstance(route, _Route) and route.add is not None),
+                            key=lambda route: route.operand):
+            claims.setdefault(route.add, route)
+        routes = {}
+        for node, route in live.items():
+            if isinstance(route, _Route) and route.add and claims[route.add] is not route:
+                route = route.alone or f"feeds an add fused with {claims[route.add].bn.target}"
+            routes[node] = route
+        newly = {target: reason for target, nodes in calls.items() if target not in refused
+                 for reason in [_calls_refusal([routes[node] for node in nodes])] if reason}
+        if not newly:
+            return routes, refused
+        refused.update(newly)
 
 
-def _refusal(bn: nn.Module, consumers: list) -> str | None:
-    """Why a BatchNorm with these per-call consumers cannot be fused, or None if it can."""
+def _module_refusal(bn: nn.Module) -> Optional[str]:
+    """Why a BatchNorm module cannot be fused whatever follows its calls, or None."""
+    if _fused_class(bn) is None:
+        return f"it is a {type(bn).__name__}, not a plain BatchNorm"
     if _has_hooks(bn):
         return "it has hooks"
-    if any(consumer is None for consumer in consumers):
-        return "an output feeds something other than one ReLU or sigmoid"
-    if len({activation for _, activation in consumers}) > 1:
+    return None
+
+
+def _calls_refusal(routes: list) -> Optional[str]:
+    """Why a BatchNorm module whose calls take these routes cannot be fused, or None."""
+    reasons = [route for route in routes if isinstance(route, str)]
+    if reasons:
+        return reasons[0]
+    if len({(route.activation, tuple(route.kwargs.items())) for route in routes}) > 1:
         return "its calls are followed by different activations"
     return None
+
+
+def _route(root: nn.Module, bn_node: fx.Node):
+    """The _Route of one BatchNorm call, or the reason it has none."""
+    bn = root.get_submodule(bn_node.target)
+    alone = None
+    if _class_name(bn) == _TIMM_BATCHNORM_ACT:
+        if not _is_noop(bn.drop):
+            return f"its drop layer {type(bn.drop).__name__} is not a no-op"
+        own = _traced_activation(bn.act)
+        if own is None:
+            return f"its activation {type(bn.act).__name__} is not supported"
+        if own[0] != "identity":
+            return _Route(bn_node, *own, consumer=f"{bn_node.target}.act")
+        alone = _Route(bn_node)
+    noops, value = _through_noops(root, bn_node)
+    consumer = _sole_consumer(value)
+    if isinstance(consumer, str):
+        return alone or consumer
+    activation = _activation_call(root, consumer, value)
+    if activation:
+        return _Route(bn_node, *activation, _node_name(consumer), replaced=[*noops, consumer])
+    if (consumer.op, consumer.target) not in _ADDS:
+        return alone or _feeds(root, consumer)
+    operands = _add_operands(consumer)
+    if isinstance(operands, str):
+        return alone or operands
+    operand = operands.index(value)
+    residual = operands[1 - operand]
+    if residual is value:
+        return alone or "feeds an add of its own output"
+    if consumer.target == "add_" and operand == 1:
+        return alone or "feeds an add_ that writes into the other operand"
+    if not _movable(root, bn_node, consumer):
+        return alone or "what runs between it and its add writes in place or uses it"
+    route = _Route(bn_node, consumer=None, add=consumer, operand=operand, residual=residual,
+                   replaced=[*noops, consumer], alone=alone)
+    after, value = _through_noops(root, consumer)
+    consumer = _sole_consumer(value)
+    activation = None if isinstance(consumer, str) else _activation_call(root, consumer, value)
+    if activation:
+        route.activation, route.kwargs = activation
+        route.consumer = _node_name(consumer)
+        route.replaced += [*after, consumer]
+    return route
+
+
+def _through_noops(root: nn.Module, node: fx.Node) -> tuple[list[fx.Node], fx.Node]:
+    """node's value passed on through no-op module calls: (those calls, the last node)."""
+    noops = []
+    while len(node.users) == 1:
+        (user,) = node.users
+        if not (user.op == "call_module" and user.args == (node,) and not user.kwargs
+                and _is_noop(root.get_submodule(user.target))):
+            break
+        noops.append(user)
+        node = user
+    return noops, node
+
+
+def _sole_consumer(node: fx.Node):
+    """node's only user, or why there is none."""
+    if not node.users:
+        return "its output is unused"
+    if len(node.users) > 1:
+        return f"its output has {len(node.users)} consumers"
+    (user,) = node.users
+    return "it is an output of the model" if user.op == "output" else user
+
+
+def _is_noop(module: nn.Module) -> bool:
+    if _has_hooks(module):
+        return False
+    if type(module) is nn.Identity:
+        return True
+    rate = _DROP_RATES.get(_class_name(module))
+    return rate is not None and not getattr(module, rate)
+
+
+def _activation_call(root: nn.Module, node: fx.Node, value: fx.Node) -> Optional[tuple]:
+    """(activation name, full kwargs) if node applies a supported activation to value alone."""
+    if node.all_input_nodes != [value]:
+        return None
+    if node.op == "call_module":
+        return _module_activation(root.get_submodule(node.target))
+    if node.op == "call_function":
+        entry = _ACTIVATION_FUNCTIONS.get(node.target)
+    elif node.op == "call_method":
+        entry = _ACTIVATION_METHODS.get(node.target)
+    else:
+        entry = None
+    if entry is None:
+        return None
+    name, parameters = entry
+    given = dict(node.kwargs)
+    inputs = list(node.args) or [given.pop("input", None)]
+    if inputs[0] is not value or len(inputs) > 1 + len(parameters) or set(given) - set(parameters):
+        return None
+    given.update(zip(parameters, inputs[1:]))
+    kwargs = {}
+    for key, argument in given.items():
+        if key not in _NEUTRAL_PARAMETERS:
+            kwargs[key] = argument
+        elif _NEUTRAL_PARAMETERS[key] not in (None, argument):
+            return None
+    return _checked(name, kwargs)
+
+
+def _module_activation(module: nn.Module) -> Optional[tuple]:
+    if _has_hooks(module) or type(module) not in _ACTIVATION_MODULES:
+        return None
+    if type(module) is nn.ReLU6 and (module.min_val, module.max_val) != (0.0, 6.0):
+        return None
+    name, parameters = _ACTIVATION_MODULES[type(module)]
+    return _checked(name, {key: getattr(module, key) for key in parameters})
+
+
+def _traced_activation(module: nn.Module) -> Optional[tuple]:
+    """(name, kwargs) for an nn.Identity, or for a module whose forward is one supported
+    activation of its input (torch's, or timm's own classes, which call F.gelu and the like)."""
+    if type(module) is nn.Identity and not _has_hooks(module):
+        return "identity", {}
+    if type(module) in _ACTIVATION_MODULES:
+        return _module_activation(module)
+    if _has_hooks(module) or any(True for _ in module.parameters()):
+        return None
+    try:
+        graph = _Tracer().trace(module)
+    except Exception:  # not traceable: not an activation we can read
+        return None
+    inputs = graph.find_nodes(op="placeholder")
+    calls = [node for node in graph.nodes if node.op not in ("placeholder", "output")]
+    (output,) = graph.find_nodes(op="output")
+    if len(inputs) != 1 or len(calls) != 1 or output.args != (calls[0],):
+        return None
+    return _activation_call(module, calls[0], inputs[0])
+
+
+def _checked(name: str, kwargs: dict) -> Optional[tuple]:
+    """(name, full kwargs), or None for values tritonbn does not take (then neither would
+    PyTorch, or they are traced tensors)."""
+    try:
+        return name, activation_kwargs(name, kwargs)
+    except ValueError:
+        return None
+
+
+def _add_operands(node: fx.Node):
+    """[first operand, second operand] of an add, or why it is not a plain add of two."""
+    given = dict(node.kwargs)
+    alpha = given.pop("alpha", 1)
+    operands = [*node.args, *(given.pop(key) for key in ("input", "other") if key in given)]
+    if given or len(operands) != 2 or alpha != 1:
+        return f"feeds {_node_name(node)} with alpha or out"
+    if not all(isinstance(operand, fx.Node) for operand in operands):
+        return f"feeds {_node_name(node)} of a constant"
+    return operands
+
+
+def _movable(root: nn.Module, bn_node: fx.Node, add: fx.Node) -> bool:
+    """Whether bn_node's call can run where add runs: nothing in between writes in place, calls
+    the same module or reads its attributes."""
+    node = bn_node.next
+    while node is not add:
+        if _writes_in_place(root, node) or (node.op in ("call_module", "get_attr") and (
+                node.target == bn_node.target or node.target.startswith(bn_node.target + "."))):
+            return False
+        node = node.next
+    return True
+
+
+def _writes_in_place(root: nn.Module, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        module = root.get_submodule(node.target)
+        return bool(getattr(module, "inplace", False)) and not _is_noop(module)
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        if node.kwargs.get("inplace") or node.target is operator.setitem:
+            return True
+    else:
+        return False
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _rewrite(graph: fx.Graph, route: _Route, fused_nodes: dict) -> FusedPair:
+    """Replace route's BatchNorm call and the nodes it fuses with one call of the (already
+    swapped in) BatchNormAct module. fused_nodes maps each node replaced so far to its
+    replacement (a residual may be one), and gains this route's."""
+    bn_node = route.bn
+    (input,) = [*bn_node.args, *bn_node.kwargs.values()]
+    pair = FusedPair(bn_node.target, route.consumer,
+                     None if route.residual is None else _node_name(route.residual))
+    if route.residual is None:
+        with graph.inserting_before(bn_node):
+            fused = graph.call_module(bn_node.target, (input,))
+    else:
+        with graph.inserting_before(route.add):
+            module = graph.get_attr(bn_node.target)
+            residual = fused_nodes.get(route.residual, route.residual)
+            fused = graph.call_function(call_with_residual, (module, input, residual))
+    last = route.replaced[-1] if route.replaced else bn_node
+    last.replace_all_uses_with(fused)
+    fused_nodes[last] = fused
+    for node in reversed([bn_node, *route.replaced]):
+        graph.erase_node(node)
+    return pair
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -156,19 +501,39 @@ def _has_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
-def _consumer_name(consumer: fx.Node) -> str:
-    if consumer.op == "call_module":
-        return consumer.target
-    if consumer.op == "call_method":
-        return f"Tensor.{consumer.target}"
-    return f"{consumer.target.__module__ or 'torch'}.{consumer.target.__name__}"
+def _class_name(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
-def _fused_module(bn: nn.Module, activation: str) -> nn.Module:
+def _node_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    if node.op == "call_function":
+        module = getattr(node.target, "__module__", None)
+        module = {None: "torch", "torch._C._nn": "torch.nn.functional",
+                  "_operator": "operator"}.get(module, module)
+        return f"{module}.{getattr(node.target, '__name__', node.target)}"
+    return node.target  # a module path, a forward argument, an attribute
+
+
+def _feeds(root: nn.Module, node: fx.Node) -> str:
+    """Why a BatchNorm feeding node is left alone."""
+    if node.op != "call_module":
+        return f"feeds {_node_name(node)}"
+    module = root.get_submodule(node.target)
+    rate = _DROP_RATES.get(_class_name(module))
+    if _has_hooks(module):
+        return f"feeds a {type(module).__name__} that has hooks"
+    if rate:
+        return f"feeds a {type(module).__name__} whose {rate} > 0"
+    return f"feeds a {type(module).__name__}"
+
+
+def _fused_module(bn: nn.Module, fused_class, route: _Route) -> nn.Module:
     """The BatchNormAct twin of bn, holding bn's own parameter and buffer tensors."""
-    fused = _FUSED_CLASSES[type(bn)](bn.num_features, bn.eps, bn.momentum, bn.affine,
-                                     bn.track_running_stats, activation=activation,
-                                     device="meta")
+    fused = fused_class(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                        activation=route.activation, activation_kwargs=route.kwargs,
+                        device="meta")
     # Overwrites every placeholder the constructor made (same class family, same flags).
     for name, param in bn._parameters.items():
         fused.register_parameter(name, param)
