@@ -18,10 +18,11 @@ FLOOR_ULPS = 16 ulps, eps being that of the coarser of x's and the parameters' d
 parameters' alone for the running statistics), of the largest term (scales() spells each out):
 of |weight * xhat| + |bias| + |residual| for y, not of |y|; of the sum of the absolute values
 of the summed terms for dweight and dbias, dL/dz's own terms counted as 2 |dy| (the
-derivatives of saturating activations cancel: see DERIVATIVE_TERMS); and so on. Scaling by the terms, not the result,
-matters where a result cancels: two values per channel make dx vanish exactly, while its
-terms still carry their roundings. The bug that prompted these tests (float32 x - mean losing
-the digits the shifted sums kept, |mean| / std = 5000) is a hundred times this tolerance.
+derivatives of saturating activations cancel: see DERIVATIVE_TERMS); and so on. Scaling by
+the terms, not the result, matters where a result cancels: two values per channel make dx
+vanish exactly, while its terms still carry their roundings. The bug that prompted these
+tests (float32 x - mean losing the digits the shifted sums kept, |mean| / std = 5000) is a
+hundred times this tolerance.
 
 The float64 reference centres each channel on one of its own values before PyTorch normalises
 it (and the running mean with it), which is exact (x's values are float32-representable in
