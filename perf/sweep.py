@@ -15,6 +15,11 @@ passes over the tensor, on the floor (train_fwd 2, train_fwdbwd 5, eval_fwd 2) a
 max_abs_err (and max_abs_err_dx for train_fwdbwd) compare each provider with eager.
 host_us, on the small shapes only, is the wall time per call of a burst of calls with no sync:
 few enough that the launch queue never fills, so it is the host's time, not the GPU's.
+gpu_ms is the GPU's time alone: the same call captured once in a CUDA graph, the graph's
+replays timed as above (p50). A replay costs the host a few us, less than do_bench's L2 flush
+that precedes it on the GPU, so host time drops out. speedup_vs_<peer> compares ms_p50 (wall
+time, what a user sees on small tensors), gpu_speedup_vs_<peer> compares gpu_ms (what the
+kernels cost, what a user sees under CUDA graphs or when the GPU queue is full).
 
 Trade-offs, to keep the full sweep to minutes on a GPU:
 - torch.compile costs seconds per graph. Each case compiles one training graph, shared by
@@ -197,6 +202,21 @@ def time_ms(fn) -> tuple[float, float, float]:
     return tuple(np.quantile(times, QUANTILES))
 
 
+def graph_ms(fn) -> float:
+    """p50 time in ms of fn captured in a CUDA graph and replayed. fn runs once on the capture
+    stream first, so the capture compiles and allocates nothing (tritonbn's scratch buffers
+    are kept per stream)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    return time_ms(graph.replay)[1]
+
+
 def host_us(fn) -> float:
     """Wall time per call, in us, of a burst of calls with no sync between them."""
     torch.cuda.synchronize()
@@ -253,6 +273,7 @@ def run_case(case: Case, modes, providers, copy_gbps: float, progress) -> list[d
                     p20, p50, p80 = time_ms(fn)
                     overhead = (host_us(fn) if ON_GPU and case.shape in HOST_SHAPES
                                 else float("nan"))
+                    gpu_ms = graph_ms(fn) if ON_GPU else float("nan")
                 gbps_model = PASSES_MODEL[mode] * tensor_bytes / (p50 * 1e6)
                 row.update(
                     ms_p20=p20, ms_p50=p50, ms_p80=p80,
@@ -261,7 +282,7 @@ def run_case(case: Case, modes, providers, copy_gbps: float, progress) -> list[d
                     max_abs_err=max_abs_err(outputs[0], reference[mode][0]),
                     max_abs_err_dx=(max_abs_err(outputs[1], reference[mode][1])
                                     if mode == "train_fwdbwd" else float("nan")),
-                    host_us=overhead)
+                    host_us=overhead, gpu_ms=gpu_ms)
             except Exception as error:  # noqa: BLE001 - recorded in the row; the sweep goes on
                 row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
                 progress.write(f"{case.label} {case.dtype} {case.layout} {case.activation} "
@@ -272,19 +293,23 @@ def run_case(case: Case, modes, providers, copy_gbps: float, progress) -> list[d
 
 
 def add_speedups(df: pd.DataFrame) -> pd.DataFrame:
-    """speedup_vs_<peer>: the peer's p50 over this row's p50, in the same configuration."""
+    """speedup_vs_<peer> and gpu_speedup_vs_<peer>: the peer's ms_p50 (gpu_ms) over this
+    row's, in the same configuration."""
     key = ["shape", "dtype", "layout", "activation", "mode"]
     for peer in ("eager", "compile"):
-        peer_ms = df.loc[df.provider == peer, key + ["ms_p50"]].rename(
-            columns={"ms_p50": "peer_ms"})
-        merged = df[key].merge(peer_ms, on=key, how="left")
-        df[f"speedup_vs_{peer}"] = merged["peer_ms"].to_numpy() / df["ms_p50"].to_numpy()
+        for time_column, prefix in (("ms_p50", ""), ("gpu_ms", "gpu_")):
+            peer_ms = df.loc[df.provider == peer, key + [time_column]].rename(
+                columns={time_column: "peer_ms"})
+            merged = df[key].merge(peer_ms, on=key, how="left")
+            df[f"{prefix}speedup_vs_{peer}"] = (merged["peer_ms"].to_numpy()
+                                                / df[time_column].to_numpy())
     return df
 
 
 COLUMNS = ["shape", "dtype", "layout", "activation", "mode", "provider", "ms_p20", "ms_p50",
            "ms_p80", "gbps_floor", "gbps_model", "pct_copy_bw", "speedup_vs_eager",
-           "speedup_vs_compile", "max_abs_err", "max_abs_err_dx", "host_us", "copy_gbps", "gpu",
+           "speedup_vs_compile", "gpu_ms", "gpu_speedup_vs_eager", "gpu_speedup_vs_compile",
+           "max_abs_err", "max_abs_err_dx", "host_us", "copy_gbps", "gpu",
            "torch", "triton", "date", "interpreter", "error"]
 
 

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import ON_GPU
 
 PERF = Path(__file__).resolve().parents[1] / "perf"
 COLUMNS = ["shape", "dtype", "layout", "activation", "mode", "provider", "ms_p20", "ms_p50",
            "ms_p80", "gbps_floor", "gbps_model", "pct_copy_bw", "speedup_vs_eager",
-           "speedup_vs_compile", "max_abs_err", "max_abs_err_dx", "host_us", "gpu", "torch",
-           "triton", "date", "interpreter"]
+           "speedup_vs_compile", "gpu_ms", "gpu_speedup_vs_eager", "gpu_speedup_vs_compile",
+           "max_abs_err", "max_abs_err_dx", "host_us", "gpu", "torch", "triton", "date",
+           "interpreter"]
 
 
 def run_script(name: str, *args: str) -> str:
@@ -39,8 +41,40 @@ def test_sweep_writes_rows_that_plot_reads(tmp_path):
     tritonbn = df.set_index("provider").loc["tritonbn"]
     assert tritonbn.max_abs_err < 1e-4 and tritonbn.max_abs_err_dx < 1e-4
     assert tritonbn.speedup_vs_eager > 0
+    # CUDA-graph replays: GPU time only, so never more than the wall time around it.
+    if ON_GPU:
+        assert (df.gpu_ms > 0).all() and (df.gpu_ms < df.ms_p80).all()
+        assert tritonbn.gpu_speedup_vs_eager > 0
+    else:
+        assert df.gpu_ms.isna().all()
 
     out = run_script("plot.py", str(csv))
     for png in ("sweep-speedup.png", "sweep-copy-bw.png"):
         assert (tmp_path / png).stat().st_size > 0
     assert "| 2x3x4x4 | fp32 | contiguous | relu | train_fwdbwd |" in out
+    assert ("gpu_speedup_vs_best_peer" in out) == ON_GPU
+
+
+def test_plot_puts_gpu_speedups_beside_wall_speedups(tmp_path):
+    """plot.py on a made-up two-case sweep with GPU times: the speedup over the faster peer,
+    on each clock, in the table and the figure."""
+    sys.path.insert(0, str(PERF))
+    try:
+        import plot
+    finally:
+        sys.path.remove(str(PERF))
+    case = {"dtype": "bf16", "layout": "channels_last", "activation": "relu",
+            "mode": "train_fwdbwd", "pct_copy_bw": 50.0, "max_abs_err": 0.0,
+            "max_abs_err_dx": 0.0, "gpu": "test", "copy_gbps": 1.0, "interpreter": False}
+    times = {"eager": (1.0, 0.8), "compile": (2.0, 0.4), "tritonbn": (0.5, 0.2)}
+    df = pd.DataFrame([{**case, "shape": shape, "provider": provider, "ms_p50": wall * scale,
+                        "gpu_ms": gpu * scale}
+                       for shape, scale in (("8x4x2x2", 1.0), ("8x4x4x4", 3.0))
+                       for provider, (wall, gpu) in times.items()])
+    table = plot.p50_by_provider(df)
+    assert table["speedup_vs_best_peer"].tolist() == [2.0, 2.0]  # eager's wall time
+    assert table["gpu_speedup_vs_best_peer"].tolist() == [2.0, 2.0]  # compile's GPU time
+    assert "| 8x4x4x4 | bf16 | channels_last | relu | train_fwdbwd |" in plot.summary_table(df)
+    plot.plot_speedup(df, tmp_path / "speedup.png")
+    assert (tmp_path / "speedup.png").stat().st_size > 0
+    assert not plot.has_gpu_times(df.assign(gpu_ms=float("nan")))
