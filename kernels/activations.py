@@ -48,14 +48,17 @@ def _sigmoid(z):
 def _log1p(u):
     """log(1 + u), accurate for tiny u: the rounding of 1 + u cancels in the ratio."""
     w = 1.0 + u
-    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+    exact = w == 1.0
+    return tl.where(exact, u, tl.log(w) * (u / tl.where(exact, 1.0, w - 1.0)))
 
 
 @triton.jit
 def _expm1(z):
     """exp(z) - 1, accurate near 0 for the same reason as _log1p."""
     u = tl.exp(z)
-    return tl.where(u == 1.0, z, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * (z / tl.log(u))))
+    log_u = tl.log(u)  # 0 where u rounds to 1, -inf where it underflows: both take z or -1
+    ratio = (u - 1.0) * (z / tl.where(u == 1.0, 1.0, log_u))
+    return tl.where(u == 1.0, z, tl.where(u == 0.0, -1.0, ratio))
 
 
 @triton.jit

@@ -22,7 +22,7 @@ from tritonbn.dtypes import accumulate_dtype
 from tritonbn.layout import strides_ncs
 
 from .activations import activation_grad
-from .forward import channel_affine, dtype_of, pre_activation, triton_dtype
+from .forward import channel_affine, dtype_of, load_x_r, pre_activation, triton_dtype
 from .launch import CachedLaunch, Launch
 from .merge import merge_partials, workspace
 from .tiling import (channel_sum, load_tile, make_plan, program_channels, program_rows,
@@ -35,14 +35,11 @@ def _load_x_dy_r(x_ptr, dy_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn,
                  HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
                  INT64: tl.constexpr):
     """(x, dy, residual or None, mask) of the tile at (n0, s0)."""
-    x, mask = load_tile(x_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xc, stride_xs,
-                        BLOCK_N, BLOCK_S, INT64)
+    x, r, mask = load_x_r(x_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xc,
+                          stride_xs, stride_rn, stride_rc, stride_rs, HAS_RESIDUAL, BLOCK_N,
+                          BLOCK_S, INT64)
     dy, _ = load_tile(dy_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_dyn, stride_dyc, stride_dys,
                       BLOCK_N, BLOCK_S, INT64)
-    r = None
-    if HAS_RESIDUAL:
-        r, _ = load_tile(r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_rn, stride_rc, stride_rs,
-                         BLOCK_N, BLOCK_S, INT64)
     return x, dy, r, mask
 
 

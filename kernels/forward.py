@@ -19,6 +19,8 @@ near the mean, where x - mean with the mean rounded to float32 would carry its r
 error, |mean| * 2^-24, into every output (6e-5 of std once |mean| / std reaches 1e3).
 The derivations: docs/DESIGN.md.
 """
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -45,8 +47,9 @@ def _batch_stats_kernel(
     running_mean_ptr, running_var_ptr,  # [C] updated in place when UPDATE_RUNNING
     tracked_ptr,  # [] int64 num_batches_tracked, incremented when COUNT_BATCH
     N, C, S, stride_n, stride_c, stride_s, CHUNK_N, CHUNK_S, SPLIT_S, SPLITS, GROUP, count,
-    momentum, ACC: tl.constexpr, UPDATE_RUNNING: tl.constexpr, COUNT_BATCH: tl.constexpr,
-    CUMULATIVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    momentum_hi, momentum_lo, ACC: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    COUNT_BATCH: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr, PAIR_S: tl.constexpr, INT64: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
 ):
@@ -85,9 +88,10 @@ def _batch_stats_kernel(
                 tracked = tl.load(tracked_ptr)  # rounds it: in float64, then to ACC
                 m = (1.0 / (tracked + 1).to(tl.float64)).to(ACC)
             else:
-                # momentum arrives as float32 (Triton passes Python floats so); 1 - m is
-                # taken in ACC, so that float64 buffers lose only momentum's own rounding.
-                m = tl.cast(momentum, ACC)
+                # Triton passes Python floats as float32: momentum comes as the float32
+                # nearest to it plus the float32 nearest to the rest, which float64 adds
+                # back to within 2^-48; 1 - m is taken in ACC too.
+                m = tl.cast(momentum_hi, ACC) + tl.cast(momentum_lo, ACC)
             # The same expressions as PyTorch's CUDA kernel, so the buffers round alike.
             running_mean = tl.load(running_mean_ptr + c, mask=c_mask).to(ACC)
             running_var = tl.load(running_var_ptr + c, mask=c_mask).to(ACC)
@@ -181,12 +185,12 @@ def _normalize_kernel(
     # Both tiles are loaded ahead of both stores, which the compiler may not reorder.
     for n0 in range(n_lo, n_hi, BLOCK_N + PAIR_N):
         for s0 in range(s_lo, s_hi, BLOCK_S + PAIR_S):
-            x, r, mask = _load_x_r(x_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn,
+            x, r, mask = load_x_r(x_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn,
                                    stride_xc, stride_xs, stride_rn, stride_rc, stride_rs,
                                    HAS_RESIDUAL, BLOCK_N, BLOCK_S, INT64)
             if PAIR_N + PAIR_S > 0:
                 n1, s1 = n0 + PAIR_N, s0 + PAIR_S
-                x2, r2, mask2 = _load_x_r(x_ptr, r_ptr, n1, s1, c, n_hi, s_hi, c_mask,
+                x2, r2, mask2 = load_x_r(x_ptr, r_ptr, n1, s1, c, n_hi, s_hi, c_mask,
                                           stride_xn, stride_xc, stride_xs, stride_rn, stride_rc,
                                           stride_rs, HAS_RESIDUAL, BLOCK_N, BLOCK_S, INT64)
                 z2, _ = pre_activation(x2, r2, center, center_d, scale, bias, ACC, HAS_RESIDUAL)
@@ -198,7 +202,7 @@ def _normalize_kernel(
 
 
 @triton.jit
-def _load_x_r(x_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xc, stride_xs,
+def load_x_r(x_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xc, stride_xs,
               stride_rn, stride_rc, stride_rs, HAS_RESIDUAL: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
     """(x, residual or None, mask) of the tile at (n0, s0)."""
@@ -209,6 +213,12 @@ def _load_x_r(x_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xc,
         r, _ = load_tile(r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_rn, stride_rc, stride_rs,
                          BLOCK_N, BLOCK_S, INT64)
     return x, r, mask
+
+
+def _float32_pair(value: float) -> tuple:
+    """(hi, lo): hi the float32 nearest to value, lo the float32 nearest to value - hi."""
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    return hi, value - hi
 
 
 def batch_stats(x, running_mean, running_var, momentum: float, num_batches_tracked=None):
@@ -237,7 +247,7 @@ def batch_stats(x, running_mean, running_var, momentum: float, num_batches_track
          dtype_of(num_batches_tracked), cumulative),
         (x, partial, counters, mean, var, running_mean if update else mean,
          running_var if update else var, num_batches_tracked if count_batch else mean),
-        (0.0 if momentum is None else float(momentum),),
+        _float32_pair(0.0 if momentum is None else float(momentum)),
         lambda: Launch(plan.grid, (plan.n, C, plan.s, *plan.strides(x_ncs), plan.chunk_n,
                                    plan.chunk_s, plan.split_s, plan.splits, plan.group,
                                    x.numel() // C),

@@ -16,19 +16,46 @@ whose tensors are not all 16-byte aligned goes through Triton's own path.
 Under the interpreter, and on backends other than NVIDIA's, every call goes through Triton
 unchanged. The direct path skips what Triton checks per call beyond specialisation (pre-run
 hooks, changed globals, the debug knob), and takes the grid to be a tuple.
+
+The direct path leans on Triton internals (``CompiledKernel.run``'s argument order,
+``packed_metadata``, ``launch_metadata``, ``JITFunction.params``) that any release may change,
+so it runs only on the Triton versions in VALIDATED_TRITON_VERSIONS; every other version takes
+Triton's own path. ``TRITONBN_DIRECT_LAUNCH=0`` forces Triton's path; ``=1`` takes the direct
+path on an unlisted version too, which is how a GPU run validates one (``tests/test_launch.py``
+compares the two paths there). A kernel whose direct launch raises warns once and takes
+Triton's path from then on, that call included.
 """
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
+import triton
 from triton import knobs
 from triton.runtime import driver
 
 # Triton decides at import time whether its kernels are interpreted; so do we.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Cache keys follow the NVIDIA backend's specialisation; others specialise on more (AMD:
-# whether a tensor's storage is under 2 GB), so they keep Triton's own launch path.
-LAUNCH_DIRECTLY = not INTERPRETING and torch.version.hip is None
+# major.minor versions on which GPU runs have checked the direct path against Triton's own.
+# Triton 3.9 has only compiled these kernels offline, never launched them on a GPU: not listed.
+# A patch release is taken to keep its minor's internals, so it shares the minor's entry.
+VALIDATED_TRITON_VERSIONS = ("3.6",)
+
+
+def direct_launches(setting: str, triton_version: str, interpreting: bool, hip: bool) -> bool:
+    """Whether to launch compiled kernels directly. setting: TRITONBN_DIRECT_LAUNCH's value,
+    "" when unset. Cache keys follow the NVIDIA backend's specialisation; others specialise on
+    more (AMD: whether a tensor's storage is under 2 GB), so they keep Triton's own path."""
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"TRITONBN_DIRECT_LAUNCH must be 0, 1 or unset, not {setting!r}")
+    if interpreting or hip or setting == "0":
+        return False
+    minor = ".".join(triton_version.split(".")[:2])
+    return setting == "1" or minor in VALIDATED_TRITON_VERSIONS
+
+
+LAUNCH_DIRECTLY = direct_launches(os.environ.get("TRITONBN_DIRECT_LAUNCH", ""),
+                                  triton.__version__, INTERPRETING, torch.version.hip is not None)
 # Each input shape adds entries: start over past this many.
 MAX_CACHED = 4096
 
@@ -48,6 +75,10 @@ class Launch(NamedTuple):
     constexprs: dict
 
 
+class DirectLaunchFallbackWarning(RuntimeWarning):
+    """A kernel's direct launch raised; the kernel takes Triton's own launch path from now on."""
+
+
 class CachedLaunch:
     """``kernel.launch(cache_key, tensors, floats, bind)`` runs the wrapped JIT function with
     the arguments ``*tensors, *ints, *floats, **constexprs`` on ``grid``, where
@@ -57,6 +88,7 @@ class CachedLaunch:
     def __init__(self, jit_fn):
         self.jit_fn = jit_fn
         self._compiled = {}  # (device, cache_key) -> (kernel, grid, ints, constexpr values)
+        self._fell_back = False  # a direct launch raised: nothing is cached any more
 
     def launch(self, cache_key, tensors, floats, bind):
         if not LAUNCH_DIRECTLY:
@@ -72,13 +104,19 @@ class CachedLaunch:
                 self._through_triton(bind(), tensors, floats)
                 return
         kernel, grid, ints, tail = entry
-        stream = driver.active.get_current_stream(device)
-        enter_hook = _active(knobs.runtime.launch_enter_hook)
-        exit_hook = _active(knobs.runtime.launch_exit_hook)
-        metadata = (None if enter_hook is None and exit_hook is None else
-                    kernel.launch_metadata(grid, stream, *tensors, *ints, *floats, *tail))
-        kernel.run(*grid, stream, kernel.function, kernel.packed_metadata, metadata, enter_hook,
-                   exit_hook, *tensors, *ints, *floats, *tail)
+        try:
+            stream = driver.active.get_current_stream(device)
+            enter_hook = _active(knobs.runtime.launch_enter_hook)
+            exit_hook = _active(knobs.runtime.launch_exit_hook)
+            metadata = (None if enter_hook is None and exit_hook is None else
+                        kernel.launch_metadata(grid, stream, *tensors, *ints, *floats, *tail))
+            kernel.run(*grid, stream, kernel.function, kernel.packed_metadata, metadata,
+                       enter_hook, exit_hook, *tensors, *ints, *floats, *tail)
+        except Exception as error:
+            # Relaunching assumes the failed call launched nothing; only an exit hook that
+            # raises could break that, and it raises again on Triton's path.
+            self._fall_back(error)
+            self._through_triton(bind(), tensors, floats)
 
     def _through_triton(self, bound: Launch, tensors, floats):
         return self.jit_fn[bound.grid](*tensors, *bound.ints, *floats, **bound.constexprs)
@@ -86,12 +124,18 @@ class CachedLaunch:
     def _compile(self, key, bound: Launch, tensors, floats):
         """Launch through Triton, and remember the compiled kernel if every tensor is aligned."""
         kernel = self._through_triton(bound, tensors, floats)
-        if kernel is None or any(tensor.data_ptr() % 16 for tensor in tensors):
+        if self._fell_back or kernel is None or any(tensor.data_ptr() % 16 for tensor in tensors):
             return
+        try:
+            self._remember(key, kernel, bound, len(tensors) + len(floats))
+        except Exception as error:
+            self._fall_back(error)
+
+    def _remember(self, key, kernel, bound: Launch, tensors_and_floats: int):
         if hasattr(kernel, "result"):  # compiled asynchronously
             kernel = kernel.result()
         # The compiled kernel takes every parameter in order, constexprs included.
-        tail_params = self.jit_fn.params[len(tensors) + len(bound.ints) + len(floats):]
+        tail_params = self.jit_fn.params[tensors_and_floats + len(bound.ints):]
         assert all(param.is_constexpr for param in tail_params), \
             "tensors, ints, floats, then constexprs: the kernel's parameters in another order"
         if len(self._compiled) >= MAX_CACHED:
@@ -99,6 +143,14 @@ class CachedLaunch:
         grid = tuple(bound.grid) + (1,) * (3 - len(bound.grid))
         self._compiled[key] = (kernel, grid, bound.ints,
                                tuple(bound.constexprs[param.name] for param in tail_params))
+
+    def _fall_back(self, error: Exception):
+        self._fell_back = True
+        self._compiled.clear()
+        warnings.warn(f"tritonbn: launching {self.jit_fn.__name__} directly failed on Triton "
+                      f"{triton.__version__} ({type(error).__name__}: {error}); it takes "
+                      f"Triton's own launch path from now on. TRITONBN_DIRECT_LAUNCH=0 sends "
+                      f"every kernel there.", DirectLaunchFallbackWarning)
 
 
 def launches_in(fn) -> int:

@@ -12,11 +12,18 @@ if not ON_GPU:
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from tritonbn import ops, reference  # noqa: E402
+from tritonbn.activations import (SUPPORTED_ACTIVATIONS, activation_spec,  # noqa: E402
+                                  eager_activation)
+
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-ACTIVATION_FNS = {"identity": lambda t: t, "relu": torch.relu, "sigmoid": torch.sigmoid}
+# Every activation, and the keyword arguments that change what it computes.
+ACTIVATION_CASES = [(name, {}) for name in SUPPORTED_ACTIVATIONS] + [
+    ("leaky_relu", {"negative_slope": 0.2}), ("elu", {"alpha": 0.6}),
+    ("gelu", {"approximate": "tanh"})]
 LAYOUTS = ("contiguous", "channels_last")
 
-gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+gpu_only = pytest.mark.gpu  # skipped without a GPU: pytest_collection_modifyitems
 
 
 @pytest.fixture(autouse=True)
@@ -52,19 +59,57 @@ def make_params(C, dtype=torch.float32):
     return weight, bias, running_mean, running_var
 
 
+def case_id(case) -> str:
+    name, kwargs = case
+    return name + "".join(f"-{key}={value}" for key, value in kwargs.items())
+
+
+def eager_act(activation, activation_kwargs=None):
+    """The eager PyTorch function of an activation name and its kwargs."""
+    return eager_activation(activation_spec(activation, activation_kwargs))
+
+
+@pytest.fixture(params=["triton", "reference"])
+def backend(request, monkeypatch):
+    """Runs a test against the Triton kernels (interpreter or GPU) and against reference.py."""
+    if request.param == "reference":
+        monkeypatch.setattr(ops, "backend", lambda x: reference)
+    return request.param
+
+
 def float64_bn_act(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                   activation):
-    """Ground truth: PyTorch's batch_norm in float64 on copies, then the activation.
-    Returns (y, running_mean, running_var) in float64; gradients flow to the float64 leaves
-    the caller passes in."""
+                   activation, activation_kwargs=None, residual=None):
+    """Ground truth: PyTorch's batch_norm in float64 on copies, plus the residual, then the
+    activation. Returns (y, running_mean, running_var) in float64; gradients flow to the
+    float64 leaves the caller passes in."""
     def as64(t):
         return None if t is None else t.detach().double().clone()
     rm, rv = as64(running_mean), as64(running_var)
     y = F.batch_norm(x.double() if x.dtype != torch.float64 else x, rm, rv,
                      None if weight is None else weight.double(),
                      None if bias is None else bias.double(), training, momentum, eps)
-    return ACTIVATION_FNS[activation](y), rm, rv
+    if residual is not None:
+        y = y + residual.double()
+    return eager_act(activation, activation_kwargs)(y), rm, rv
 
 
 def max_err(a, b) -> float:
     return (a.double() - b.double()).abs().max().item()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the tests marked gpu where there is none; `pytest -m gpu` selects them."""
+    if ON_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+import tritonbn  # noqa: E402  (after TRITON_INTERPRET is set)
+
+# name -> torch.nn.functional's function of that name (identity has none), for every name
+# tritonbn supports: tests widen with the list, and a name PyTorch lacks fails at collection.
+EAGER_ACTIVATIONS = {name: (lambda t: t) if name == "identity" else getattr(F, name)
+                     for name in tritonbn.SUPPORTED_ACTIVATIONS}

@@ -4,19 +4,25 @@ import pytest
 import torch
 
 import tritonbn
-from conftest import ACTIVATION_FNS, DEVICE, LAYOUTS, float64_bn_act, make_input, make_params
+from conftest import (ACTIVATION_CASES, DEVICE, LAYOUTS, case_id, float64_bn_act, make_input,
+                      make_params)
 from test_forward import SHAPES
 
 
-def gradients(fn, x, weight, bias, dy):
-    leaves = [t for t in (x, weight, bias) if t is not None]
-    return torch.autograd.grad(fn(x, weight, bias), leaves, dy)
+def gradients(fn, inputs, dy):
+    """Gradients of fn(*inputs) for the inputs that are not None."""
+    leaves = [t for t in inputs if t is not None]
+    return torch.autograd.grad(fn(*inputs), leaves, dy)
 
 
 def check_gradients(shape, layout, training, activation, affine=True, dtype=torch.float32,
-                    dy_layout=None):
+                    dy_layout=None, activation_kwargs=None, residual_layout=None):
+    """Gradients of x, weight, bias (and a residual in residual_layout) against float64."""
     C = shape[1]
     x = make_input(shape, dtype, layout, offset=0.5, requires_grad=True)
+    residual = None
+    if residual_layout:
+        residual = make_input(shape, dtype, residual_layout, requires_grad=True)
     weight, bias, running_mean, running_var = make_params(C, dtype)
     if affine:
         weight.requires_grad_()
@@ -25,40 +31,47 @@ def check_gradients(shape, layout, training, activation, affine=True, dtype=torc
         weight = bias = None
     dy = make_input(shape, dtype, dy_layout or layout)
 
-    def ours(x, weight, bias):
+    def ours(x, weight, bias, residual):
         return tritonbn.bn_act(x, running_mean.clone(), running_var.clone(), weight, bias,
-                               training, activation=activation)
+                               training, activation=activation,
+                               activation_kwargs=activation_kwargs, residual=residual)
 
-    def float64(x, weight, bias):
+    def float64(x, weight, bias, residual):
         return float64_bn_act(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5,
-                              activation)[0]
+                              activation, activation_kwargs, residual)[0]
 
     leaves64 = [None if t is None else t.detach().double().requires_grad_() for t in
-                (x, weight, bias)]
-    expected = gradients(float64, *leaves64, dy.double())
-    got = gradients(ours, x, weight, bias, dy)
+                (x, weight, bias, residual)]
+    expected = gradients(float64, leaves64, dy.double())
+    got = gradients(ours, (x, weight, bias, residual), dy)
     for g, e in zip(got, expected):
         assert g.dtype == dtype
         scale = e.abs().max().item() + 1.0
         assert (g.double() - e).abs().max().item() < 2e-5 * scale
     assert got[0].stride() == x.stride()
+    if residual is not None:
+        assert got[-1].stride() == residual.stride()
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_gradients_match_float64(shape, layout, training):
+def test_gradients_match_float64(shape, layout, training, backend):
     check_gradients(shape, layout, training, "relu")
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("activation", list(ACTIVATION_FNS))
-def test_gradients_every_activation(activation, training):
-    check_gradients((3, 4, 5, 3), "channels_last", training, activation)
+@pytest.mark.parametrize("case", ACTIVATION_CASES, ids=case_id)
+def test_gradients_every_activation(case, training, residual, backend):
+    """The residual comes in another layout than x, and gets its own gradient, in its own."""
+    activation, kwargs = case
+    check_gradients((3, 4, 5, 3), "channels_last", training, activation,
+                    activation_kwargs=kwargs, residual_layout="contiguous" if residual else None)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_gradients_without_affine(training):
+def test_gradients_without_affine(training, backend):
     check_gradients((4, 3, 6), "contiguous", training, "sigmoid", affine=False)
 
 
@@ -74,22 +87,38 @@ def test_gradients_match_pytorch_module():
     for training in (True, False):
         ours.train(training)
         theirs.train(training)
-        got = gradients(lambda x, w, b: ours(x), x, ours.weight, ours.bias, dy)
-        expected = gradients(lambda x, w, b: theirs(x), x, theirs[0].weight, theirs[0].bias, dy)
+        got = gradients(lambda x, w, b: ours(x), (x, ours.weight, ours.bias), dy)
+        expected = gradients(lambda x, w, b: theirs(x), (x, theirs[0].weight, theirs[0].bias),
+                             dy)
         for g, e in zip(got, expected):
             assert (g - e).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("activation", ["identity", "sigmoid", "relu"])
-def test_gradcheck_float64(activation, training):
-    x = make_input((3, 2, 2, 2), torch.float64, requires_grad=True)
+@pytest.mark.slow
+@pytest.mark.parametrize("training, residual", [(True, False), (True, True), (False, True)],
+                         ids=["train", "train-residual", "eval-residual"])
+@pytest.mark.parametrize("case", ACTIVATION_CASES, ids=case_id)
+def test_gradcheck_float64(case, training, residual):
+    """Fast mode (one random direction): the full Jacobian costs minutes in the interpreter,
+    and the float32 tests above already compare every gradient element by element."""
+    activation, kwargs = case
+    x = make_input((3, 2, 2), torch.float64, scale=2.0, requires_grad=True)
     weight, bias, running_mean, running_var = make_params(2, torch.float64)
-    weight.requires_grad_()
-    bias.requires_grad_()
+    r = make_input((3, 2, 2), torch.float64, requires_grad=True) if residual else None
+    inputs = [t for t in (x, weight.requires_grad_(), bias.requires_grad_(), r) if t is not None]
 
-    def fn(x, weight, bias):
+    def fn(x, weight, bias, r=None):
         return tritonbn.bn_act(x, running_mean.clone(), running_var.clone(), weight, bias,
-                               training, activation=activation)
+                               training, activation=activation, activation_kwargs=kwargs,
+                               residual=r)
 
-    assert torch.autograd.gradcheck(fn, (x, weight, bias))
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+def test_double_backward_raises():
+    """The hand-written backward has no backward of its own: create_graph must fail loudly."""
+    x = make_input((4, 3, 5), requires_grad=True)
+    m = tritonbn.BatchNormAct1d(3, activation="silu", device=DEVICE)
+    (dx,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        dx.sum().backward()

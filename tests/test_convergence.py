@@ -20,6 +20,7 @@ def convergence():
     return module
 
 
+@pytest.mark.slow
 def test_short_run_writes_csv_and_plot_and_agrees(convergence, tmp_path, capsys):
     status = convergence.main(["--steps", "4", "--eval-every", "2", "--batch-size", "16",
                                "--test-size", "48", "--device", str(DEVICE),

@@ -20,11 +20,13 @@ GRAD_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 
 @pytest.fixture(autouse=True)
 def exact_float32_matmul():
-    """TF32 convolutions would turn BatchNorm's last-bit differences into 1e-3 errors."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    """TF32 convolutions would turn BatchNorm's last-bit differences into 1e-3 errors. The
+    context manager, since torch.testing (test_module_db) freezes cudnn's global flags."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+        yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class BasicBlock(nn.Module):

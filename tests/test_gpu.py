@@ -4,14 +4,21 @@ import pytest
 import torch
 
 import tritonbn
-from conftest import ACTIVATION_FNS, float64_bn_act, gpu_only, make_input, make_params, max_err
+from conftest import (ACTIVATION_CASES, case_id, eager_act, float64_bn_act, gpu_only, make_input,
+                      make_params, max_err)
 
 pytestmark = gpu_only
 
 
 def eager_bn_act(x, running_mean, running_var, weight, bias, training, activation):
     y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training)
-    return ACTIVATION_FNS[activation](y)
+    return eager_act(*activation)(y)
+
+
+def ours_bn_act(x, running_mean, running_var, weight, bias, training, activation):
+    name, kwargs = activation
+    return tritonbn.bn_act(x, running_mean, running_var, weight, bias, training,
+                           activation=name, activation_kwargs=kwargs)
 
 
 def rms_err(a, b) -> float:
@@ -27,13 +34,13 @@ def errors_against_float64(fn, x, dy, weight, bias, running_mean, running_var, t
     grads = torch.autograd.grad(y, leaves, dy)
     leaves64 = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
     y64, _, _ = float64_bn_act(leaves64[0], running_mean, running_var, leaves64[1], leaves64[2],
-                               training, 0.1, 1e-5, activation)
+                               training, 0.1, 1e-5, *activation)
     grads64 = torch.autograd.grad(y64, leaves64, dy.double())
     return [metric(a, b) for a, b in zip((y, *grads), (y64, *grads64))]
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("activation", list(ACTIVATION_FNS))
+@pytest.mark.parametrize("activation", ACTIVATION_CASES, ids=case_id)
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(32, 64, 28, 28), (7, 13, 9, 11), (1024, 96)], ids=str)
@@ -42,7 +49,7 @@ def test_half_precision_no_worse_than_eager(shape, dtype, layout, activation, tr
     dy = make_input(shape, dtype, layout)
     weight, bias, running_mean, running_var = make_params(shape[1])
     ours = errors_against_float64(
-        lambda x, rm, rv, w, b, t, a: tritonbn.bn_act(x, rm, rv, w, b, t, activation=a),
+        ours_bn_act,
         x, dy, weight, bias, running_mean, running_var, training, activation)
     eager = errors_against_float64(eager_bn_act, x, dy, weight, bias, running_mean, running_var,
                                    training, activation)
@@ -54,6 +61,7 @@ LARGE = [(128, 256, 56, 56), (16, 64, 16, 56, 56), (65536, 256)]
 LARGE_LAYOUTS = [("channels_last", torch.bfloat16), ("contiguous", torch.float32)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout, dtype", LARGE_LAYOUTS)
 @pytest.mark.parametrize("shape", LARGE, ids=str)
 def test_large_shapes_no_worse_than_eager(shape, layout, dtype):
@@ -61,15 +69,16 @@ def test_large_shapes_no_worse_than_eager(shape, layout, dtype):
     x = make_input(shape, dtype, layout)
     dy = make_input(shape, dtype, layout)
     weight, bias, running_mean, running_var = make_params(shape[1])
-    args = (x, dy, weight, bias, running_mean, running_var, True, "identity")
+    args = (x, dy, weight, bias, running_mean, running_var, True, ("identity", {}))
     ours = errors_against_float64(
-        lambda x, rm, rv, w, b, t, a: tritonbn.bn_act(x, rm, rv, w, b, t, activation=a), *args,
+        ours_bn_act, *args,
         metric=rms_err)
     eager = errors_against_float64(eager_bn_act, *args, metric=rms_err)
     for name, e_ours, e_eager in zip(("y", "dx", "dweight", "dbias"), ours, eager):
         assert e_ours <= 2 * e_eager + 1e-6, (name, e_ours, e_eager)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout, dtype", LARGE_LAYOUTS)
 def test_large_relu_masks(layout, dtype):
     """With 1e8 elements a few z sit within rounding of 0, where ReLU's mask may flip between
@@ -91,6 +100,7 @@ def test_large_relu_masks(layout, dtype):
         assert wrong <= x.numel() // 10**6, wrong
 
 
+@pytest.mark.slow
 def test_past_two_to_the_31_elements():
     """Offsets past 2^31 must not wrap: check the statistics and the last elements."""
     shape = (2**31 // (4 * 4096) + 3, 4, 64, 64)  # just over 2^31 elements, bfloat16

@@ -1,16 +1,22 @@
 """kernels/launch.py: a cached launch must hand the launcher what Triton's own launch path
-would, and take Triton's path whenever the cache cannot vouch for the call. The cached path
-runs only on a GPU, so these tests drive it with a stand-in JIT function and driver. A last
-test checks the launchers' cache keys against everything Triton specialises on."""
+would, and take Triton's path whenever the cache cannot vouch for the call: on a Triton version
+no GPU run has validated, when TRITONBN_DIRECT_LAUNCH=0, and for a kernel whose direct launch
+raised. The cached path runs only on a GPU, so these tests drive it with a stand-in JIT
+function and driver; on a GPU a last test compares it with Triton's path on the real kernels.
+Another checks the launchers' cache keys against everything Triton specialises on."""
+import importlib.util
+import itertools
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
+import triton
 
 import tritonbn
 from tritonbn.kernels import launch
-from tritonbn.kernels.launch import CachedLaunch, Launch
-from conftest import DEVICE, make_input, make_params
+from tritonbn.kernels.launch import CachedLaunch, DirectLaunchFallbackWarning, Launch
+from conftest import DEVICE, gpu_only, make_input, make_params
 
 
 class _CompiledKernel:
@@ -26,14 +32,22 @@ class _CompiledKernel:
         return "metadata"
 
 
+class _RaisingKernel(_CompiledKernel):
+    """A compiled kernel whose launcher wants other arguments, as a new Triton's might."""
+
+    def run(self, *args):
+        raise TypeError(f"function takes 15 positional arguments but {len(args)} were given")
+
+
 class _JitFunction:
     """Compiles on the first call of each kind; Triton's path launches that call itself."""
     params = [SimpleNamespace(name=name, is_constexpr=name.isupper())
               for name in ("x_ptr", "n", "eps", "BLOCK", "ACC")]
 
-    def __init__(self):
+    def __init__(self, kernel=None):
+        self.__name__ = "stand_in_kernel"
         self.compiled = []
-        self.kernel = _CompiledKernel()
+        self.kernel = kernel or _CompiledKernel()
 
     def __getitem__(self, grid):
         def compile_and_launch(*args, **kwargs):
@@ -113,6 +127,7 @@ def _specialisation(args, kwargs):
             tuple(sorted(kwargs.items())))
 
 
+@pytest.mark.slow
 def test_launcher_keys_separate_what_triton_specialises_on(monkeypatch):
     """Run the launchers over shapes, layouts, dtypes and flags, recording for each cache key
     what Triton would specialise on: one key must never stand for two specialisations."""
@@ -141,3 +156,141 @@ def test_launcher_keys_separate_what_triton_specialises_on(monkeypatch):
     m = tritonbn.BatchNormAct2d(5, momentum=None, device=DEVICE)
     m(make_input((3, 5, 4, 2)))
     assert len(seen) > 20
+
+
+@pytest.mark.parametrize("setting, version, interpreting, hip, expected", [
+    ("", "3.6.0", False, False, True),
+    ("", "3.6.1+git0123abc", False, False, True),  # a patch release of a validated minor
+    ("", "3.9.0", False, False, False),  # compiled offline only: never run on a GPU
+    ("", "3.60.0", False, False, False),
+    ("", "4.0.0", False, False, False),
+    ("0", "3.6.0", False, False, False),
+    ("1", "3.9.0", False, False, True),  # how a GPU run validates a new version
+    ("1", "3.9.0", True, False, False),  # the interpreter has no compiled kernels to launch
+    ("1", "3.6.0", False, True, False),  # AMD specialises on more than the cache keys hold
+])
+def test_direct_launches_only_where_validated(setting, version, interpreting, hip, expected):
+    assert launch.direct_launches(setting, version, interpreting, hip) is expected
+
+
+def test_a_bad_switch_value_is_an_error():
+    with pytest.raises(ValueError, match="TRITONBN_DIRECT_LAUNCH must be 0, 1 or unset"):
+        launch.direct_launches("yes", "3.6.0", False, False)
+
+
+def _fresh_launch_module(monkeypatch, triton_version, setting=None):
+    """launch.py imported anew, as on a GPU machine with this Triton version and switch."""
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if setting is None:
+        monkeypatch.delenv("TRITONBN_DIRECT_LAUNCH", raising=False)
+    else:
+        monkeypatch.setenv("TRITONBN_DIRECT_LAUNCH", setting)
+    spec = importlib.util.spec_from_file_location("fresh_launch", launch.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("triton_version, setting, direct", [
+    ("3.6.0", None, True), ("3.9.0", None, False), ("3.6.0", "0", False), ("3.9.0", "1", True)])
+def test_the_switch_and_the_version_decide_at_import(monkeypatch, triton_version, setting,
+                                                     direct):
+    fresh = _fresh_launch_module(monkeypatch, triton_version, setting)
+    assert fresh.LAUNCH_DIRECTLY is direct
+    stand_in = SimpleNamespace(get_current_device=lambda: 0,
+                               get_current_stream=lambda device: 1234)
+    monkeypatch.setattr(fresh, "driver", SimpleNamespace(active=stand_in))
+    jit_fn = _JitFunction()
+    kernel = fresh.CachedLaunch(jit_fn)
+    for _ in range(3):
+        kernel.launch("a", (torch.randn(64),), (1e-5,), bind())
+    assert len(jit_fn.compiled) == (1 if direct else 3)
+    assert len(jit_fn.kernel.launches) == (2 if direct else 0)
+
+
+def _launch_recording_warnings(kernel, calls, x):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(calls):
+            kernel.launch("a", (x,), (1e-5,), bind())
+    return [w for w in caught if issubclass(w.category, DirectLaunchFallbackWarning)]
+
+
+def test_a_direct_launch_that_raises_falls_back_with_one_warning(direct):
+    jit_fn = _JitFunction(_RaisingKernel())
+    kernel = CachedLaunch(jit_fn)
+    x = torch.randn(64)
+    caught = _launch_recording_warnings(kernel, 4, x)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "stand_in_kernel" in message and "15 positional arguments" in message
+    assert triton.__version__ in message and "TRITONBN_DIRECT_LAUNCH=0" in message
+    # The first call compiled; the second failed directly and went through Triton, as did
+    # every later one: each call launched exactly once.
+    assert len(jit_fn.compiled) == 4
+    # Another kernel keeps its direct path, and would warn for itself.
+    working = _JitFunction()
+    other = CachedLaunch(working)
+    assert not _launch_recording_warnings(other, 3, x)
+    assert len(working.compiled) == 1 and len(working.kernel.launches) == 2
+    broken_too = CachedLaunch(_JitFunction(_RaisingKernel()))
+    assert len(_launch_recording_warnings(broken_too, 3, x)) == 1
+
+
+def test_a_compiled_kernel_that_cannot_be_read_falls_back(direct):
+    """A Triton whose JIT functions no longer list their params: the compiling call launched
+    once through Triton, then warns, and every later call takes Triton's path."""
+    jit_fn = _JitFunction()
+    jit_fn.params = None
+    kernel = CachedLaunch(jit_fn)
+    caught = _launch_recording_warnings(kernel, 3, torch.randn(64))
+    assert len(caught) == 1 and "TypeError" in str(caught[0].message)
+    assert len(jit_fn.compiled) == 3 and not jit_fn.kernel.launches
+
+
+def _bn_act_results(x, dy, params, activation, training):
+    """Output, gradients and running statistics of one bn_act forward and backward, on copies
+    of params = (weight or None, bias or None, running_mean, running_var)."""
+    weight, bias, running_mean, running_var = (None if p is None else p.clone() for p in params)
+    leaves = [t.requires_grad_() for t in (x.clone(), weight, bias) if t is not None]
+    y = tritonbn.bn_act(leaves[0], running_mean, running_var, weight, bias, training,
+                        activation=activation)
+    return (y, *torch.autograd.grad(y, leaves, dy), running_mean, running_var)
+
+
+@gpu_only
+def test_direct_launches_match_tritons_own_path(monkeypatch):
+    """What validating a Triton version means: the direct path launches the real kernels with
+    exactly the results of Triton's own path, and without falling back. Runs on any version
+    (as TRITONBN_DIRECT_LAUNCH=1 would)."""
+    through_triton = []
+    original = CachedLaunch._through_triton
+
+    def counted(self, *args):
+        through_triton.append(self)
+        return original(self, *args)
+
+    monkeypatch.setattr(CachedLaunch, "_through_triton", counted)
+    cases = itertools.product(
+        (((6, 5, 7, 3), "channels_last"), ((7, 3, 5), "contiguous"),
+         ((3, 4, 3, 5, 2), "channels_last"), ((33, 70), "contiguous")),
+        (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+        tritonbn.SUPPORTED_ACTIVATIONS, (True, False), (True, False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DirectLaunchFallbackWarning)
+        for (shape, layout), dtype, activation, training, affine in cases:
+            x = make_input(shape, dtype, layout)
+            dy = torch.randn_like(x)
+            weight, bias, running_mean, running_var = make_params(shape[1], dtype)
+            params = (weight, bias) if affine else (None, None)
+            args = (x, dy, params + (running_mean, running_var), activation, training)
+            monkeypatch.setattr(launch, "LAUNCH_DIRECTLY", False)
+            expected = _bn_act_results(*args)
+            monkeypatch.setattr(launch, "LAUNCH_DIRECTLY", True)
+            _bn_act_results(*args)  # compiles, or finds it compiled
+            through_triton.clear()
+            got = _bn_act_results(*args)
+            assert not through_triton, "a cached call took Triton's path"
+            for a, b in zip(got, expected, strict=True):
+                assert torch.equal(a, b), (shape, dtype, activation, training, affine)

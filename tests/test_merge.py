@@ -44,6 +44,7 @@ def step(shape, layout, seed, momentum=0.1):
     return y, dx, dweight, dbias, m.running_mean, m.running_var, m.num_batches_tracked
 
 
+@pytest.mark.slow
 def test_bitwise_repeatable_with_shapes_interleaved(monkeypatch):
     monkeypatch.setattr(tiling, "TILE_BYTES", 256)  # several splits, so the merge has work
     tiling._plan.cache_clear()
@@ -62,6 +63,7 @@ def test_bitwise_repeatable_with_shapes_interleaved(monkeypatch):
             assert not buffer.any()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sms", [3, 5])
 def test_two_level_merge_with_a_ragged_last_group(monkeypatch, sms):
     """Enough splits for several groups, the last one short: still the float64 result."""

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 PERF = Path(__file__).resolve().parents[1] / "perf"
 COLUMNS = ["shape", "dtype", "layout", "activation", "mode", "provider", "ms_p20", "ms_p50",
@@ -22,6 +23,7 @@ def run_script(name: str, *args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_sweep_writes_rows_that_plot_reads(tmp_path):
     csv = tmp_path / "sweep.csv"
     run_script("sweep.py", "--tiny", "--shapes", "2x3x4x4", "--dtypes", "fp32",

@@ -50,16 +50,26 @@ def test_opcheck_normalize_act(shape, training, affine, residual):
 
 
 class ConvNet(nn.Module):
+    """Convolutions around three fused layers: SiLU, a residual block with a parametrised
+    activation, and a sigmoid."""
+
     def __init__(self):
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), tritonbn.BatchNormAct2d(8),
-            nn.Conv2d(8, 4, 3, padding=1), tritonbn.BatchNormAct2d(4, activation="sigmoid"))
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = tritonbn.BatchNormAct2d(8, activation="silu")
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = tritonbn.BatchNormAct2d(8, activation="leaky_relu",
+                                           activation_kwargs={"negative_slope": 0.2})
+        self.conv3 = nn.Conv2d(8, 4, 3, padding=1)
+        self.bn3 = tritonbn.BatchNormAct2d(4, activation="sigmoid")
 
     def forward(self, x):
-        return self.layers(x)
+        h = self.bn1(self.conv1(x))
+        h = self.bn2(self.conv2(h), residual=h)
+        return self.bn3(self.conv3(h))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
 def test_compile_fullgraph_matches_eager(backend):
     """aot_eager checks the capture (fullgraph, fake tensors, autograd); Inductor also lays out
@@ -78,7 +88,7 @@ def test_compile_fullgraph_matches_eager(backend):
             torch.testing.assert_close(g_c, g_e, atol=1e-4, rtol=1e-4)
     for (name, b_e), (_, b_c) in zip(eager.named_buffers(), compiled_model.named_buffers()):
         torch.testing.assert_close(b_c, b_e, atol=1e-6, rtol=1e-5, msg=name)
-    assert compiled_model.layers[1].num_batches_tracked.item() == 2
+    assert compiled_model.bn1.num_batches_tracked.item() == 2
     eager.eval()
     compiled_model.eval()
     x = make_input((2, 3, 6, 6), layout="channels_last")
@@ -113,6 +123,7 @@ def test_triton_kernels_run_under_the_interpreter(monkeypatch):
     assert calls == ["batch_stats", "normalize_act", "normalize_act_backward"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU path without the interpreter")
 def test_cpu_without_interpreter_runs_the_reference():
     script = ("import torch, tritonbn\n"

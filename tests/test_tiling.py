@@ -19,6 +19,7 @@ def small_tiles(monkeypatch):
     tiling._plan.cache_clear()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
 @pytest.mark.parametrize("shape, layout, pair", [
     ((3, 5, 37, 3), "contiguous", "pair_s"),  # long spatial runs: pairs along S

@@ -5,6 +5,8 @@ from .convert import fuse_bn_act
 from .dtypes import SUPPORTED_DTYPES
 from .functional import bn_act
 from .modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from .sync import SyncBatchNormAct, convert_sync_batchnorm
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "SUPPORTED_ACTIVATIONS",
-           "SUPPORTED_DTYPES", "bn_act", "fuse_bn_act", "ops"]
+           "SUPPORTED_DTYPES", "SyncBatchNormAct", "bn_act", "convert_sync_batchnorm",
+           "fuse_bn_act", "ops"]

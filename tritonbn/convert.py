@@ -64,11 +64,12 @@ from torch import Tensor, fx, nn
 
 from .activations import activation_kwargs, activation_spec, eager_activation
 from .modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from .sync import SyncBatchNormAct
 
 logger = logging.getLogger(__name__)
 
 _FUSED_CLASSES = {nn.BatchNorm1d: BatchNormAct1d, nn.BatchNorm2d: BatchNormAct2d,
-                  nn.BatchNorm3d: BatchNormAct3d}
+                  nn.BatchNorm3d: BatchNormAct3d, nn.SyncBatchNorm: SyncBatchNormAct}
 _PLAIN_CLASSES = {fused: plain for plain, fused in _FUSED_CLASSES.items()}
 # Classes of packages tritonbn does not depend on, by their qualified names.
 _TIMM_BATCHNORM_ACT = "timm.layers.norm_act.BatchNormAct2d"

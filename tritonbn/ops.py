@@ -18,7 +18,6 @@ installed). Tensors whose spatial dims do not collapse into one stride
 (``tritonbn.layout.strides_ncs``) are copied to contiguous first; every layout PyTorch names
 collapses.
 """
-import importlib.util
 import os
 from typing import Optional
 
@@ -31,7 +30,11 @@ from .dtypes import accumulate_dtype
 from .layout import strides_ncs
 
 # Triton is optional where it has no wheel: CPU tensors then take the reference path.
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+try:
+    import triton  # noqa: F401
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
 if HAS_TRITON:
     from . import kernels
 # Triton decides when it is imported whether its kernels are interpreted.

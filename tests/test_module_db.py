@@ -1,0 +1,94 @@
+"""PyTorch's own test inputs for nn.BatchNorm1d/2d/3d (module_db in
+torch.testing._internal.common_modules) run through BatchNormAct1d/2d/3d: for every activation,
+float32 and float64, train and eval, the output, the gradients of the input and of every
+parameter, and every buffer must match F.<activation>(nn.BatchNorm*d(x)). The same
+computation in another order, so assert_close's default tolerances for the dtype apply.
+
+Only the identity cases run in the quick loop (`-m "not slow"`): they are the drop-in check.
+"""
+import pytest
+import torch
+from torch import nn
+from torch.testing._internal.common_modules import module_db
+
+import tritonbn
+from conftest import DEVICE, EAGER_ACTIVATIONS
+
+OURS = {nn.BatchNorm1d: tritonbn.BatchNormAct1d, nn.BatchNorm2d: tritonbn.BatchNormAct2d,
+        nn.BatchNorm3d: tritonbn.BatchNormAct3d}
+MODULE_INFOS = {info.module_cls: info for info in module_db if info.module_cls in OURS}
+
+
+def module_inputs(module_cls, device, dtype, training):
+    info = MODULE_INFOS[module_cls]
+    return info.module_inputs_func(info, device=device, dtype=dtype, requires_grad=True,
+                                   training=training)
+
+
+def cases():
+    """(module class, input description): listed on the meta device, built in the test."""
+    assert set(MODULE_INFOS) == set(OURS), "module_db lost a BatchNorm"
+    return [pytest.param(module_cls, sample.desc,
+                         id=f"{module_cls.__name__}-{sample.desc or 'default'}")
+            for module_cls in OURS
+            for sample in module_inputs(module_cls, "meta", torch.float32, True)]
+
+
+def activations():
+    return [pytest.param(name, marks=() if name == "identity" else pytest.mark.slow)
+            for name in tritonbn.SUPPORTED_ACTIVATIONS]
+
+
+def randomise(module: nn.Module) -> None:
+    """Parameters and running statistics away from their initial ones and zero."""
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            if name == "num_batches_tracked":  # momentum=None averages over it
+                tensor.fill_(int(torch.randint(1, 5, ())))
+            elif name in ("weight", "running_var"):
+                tensor.copy_(torch.rand_like(tensor) + 0.5)
+            else:
+                tensor.copy_(torch.randn_like(tensor))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("activation", activations())
+@pytest.mark.parametrize("module_cls, desc", cases())
+def test_matches_pytorch_on_its_own_inputs(module_cls, desc, activation, dtype, training):
+    (sample,) = [s for s in module_inputs(module_cls, DEVICE, dtype, training) if s.desc == desc]
+    args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+    theirs = module_cls(*args, **kwargs, device=DEVICE, dtype=dtype)
+    ours = OURS[module_cls](*args, **kwargs, activation=activation, device=DEVICE, dtype=dtype)
+    randomise(theirs)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.train(training)
+    ours.train(training)
+    (x,) = sample.forward_input.args
+    assert not sample.forward_input.kwargs
+
+    expected = EAGER_ACTIVATIONS[activation](theirs(x))
+    got = ours(x)
+    # tanh and mish are built from exp and log in the kernels (kernels/activations.py): a few
+    # ulps from libm's, which a float32 gradient can carry past the default 1e-5.
+    loose = dtype == torch.float32 and activation in ("tanh", "mish")
+    tolerance = dict(rtol=1e-5, atol=1e-4) if loose else {}
+    torch.testing.assert_close(got, expected, **tolerance)
+
+    dy = torch.randn_like(expected)
+    their_leaves = [x] + list(theirs.parameters())
+    our_leaves = [x] + list(ours.parameters())
+    expected_grads = torch.autograd.grad(expected, their_leaves, dy, allow_unused=True)
+    grads = torch.autograd.grad(got, our_leaves, dy, allow_unused=True)
+    for name, grad, expected_grad in zip(["input"] + [n for n, _ in ours.named_parameters()],
+                                         grads, expected_grads, strict=True):
+        if expected_grad is None:
+            assert grad is None, name
+        else:
+            torch.testing.assert_close(grad, expected_grad, msg=lambda m: f"{name}: {m}",
+                                       **tolerance)
+
+    buffers = dict(ours.named_buffers())
+    assert buffers.keys() == dict(theirs.named_buffers()).keys()
+    for name, expected_buffer in theirs.named_buffers():
+        torch.testing.assert_close(buffers[name], expected_buffer, msg=lambda m: f"{name}: {m}")
