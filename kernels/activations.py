@@ -54,25 +54,42 @@ def _log1p(u):
 
 @triton.jit
 def _expm1(z):
-    """exp(z) - 1, accurate near 0 for the same reason as _log1p."""
+    """exp(z) - 1, accurate near 0 for the same reason as _log1p. Away from 0 the plain
+    difference is exact enough, and the ratio would not be: log of a subnormal exp(z) is off
+    by percents."""
     u = tl.exp(z)
-    log_u = tl.log(u)  # 0 where u rounds to 1, -inf where it underflows: both take z or -1
-    ratio = (u - 1.0) * (z / tl.where(u == 1.0, 1.0, log_u))
-    return tl.where(u == 1.0, z, tl.where(u == 0.0, -1.0, ratio))
+    near_zero = (u > 0.5) & (u < 2.0)
+    ratio = (u - 1.0) * (z / tl.log(tl.where(near_zero & (u != 1.0), u, 2.0)))
+    return tl.where(near_zero, tl.where(u == 1.0, z, ratio), u - 1.0)
 
 
 @triton.jit
 def _tanh(z):
-    """tanh(z) = -expm1(-2|z|) / (2 + expm1(-2|z|)), with z's sign: accurate near 0 too."""
-    m = _expm1(-2.0 * tl.abs(z))
-    t = -m / (2.0 + m)
+    """tanh(|z|) = -expm1(-2|z|) / (2 + expm1(-2|z|)) near 0, 1 - 2 / (1 + exp(2|z|)) past
+    0.5 (where the first loses two ulps), with z's sign."""
+    a = tl.abs(z)
+    m = _expm1(-2.0 * a)
+    t = tl.where(a < 0.5, -m / (2.0 + m), 1.0 - 2.0 / (1.0 + tl.exp(2.0 * a)))
     return tl.where(z < 0, -t, t)
+
+
+@triton.jit
+def _sech2(z):
+    """1 - tanh(z)^2 = 4 e / (1 + e)^2 with e = exp(-2|z|): 1 - t*t would cancel where |t|
+    nears 1."""
+    e = tl.exp(-2.0 * tl.abs(z))
+    return 4.0 * e / ((1.0 + e) * (1.0 + e))
 
 
 @triton.jit
 def _softplus(z):
     """log(1 + exp(z)) without overflow or cancellation."""
     return tl.maximum(z, 0.0) + _log1p(tl.exp(-tl.abs(z)))
+
+
+@triton.jit
+def _gelu_tanh_inner(z):
+    return (z + z * z * z * GELU_KAPPA) * SQRT_2_OVER_PI
 
 
 @triton.jit
@@ -104,7 +121,8 @@ def activation(z, param, ACTIVATION: tl.constexpr):
     elif ACTIVATION == GELU:
         return 0.5 * z * (1.0 + tl.math.erf(z * SQRT1_2))
     elif ACTIVATION == GELU_TANH:
-        return 0.5 * z * (1.0 + _tanh((z + z * z * z * GELU_KAPPA) * SQRT_2_OVER_PI))
+        # 0.5 (1 + tanh(u)) = sigmoid(2u): the sum would cancel for negative u.
+        return z * _sigmoid(2.0 * _gelu_tanh_inner(z))
     elif ACTIVATION == MISH:
         return z * _tanh(_softplus(z))
     elif ACTIVATION == TANH:
@@ -141,12 +159,12 @@ def activation_grad(z, dy, param, OUT_DTYPE: tl.constexpr, ACTIVATION: tl.conste
         pdf = tl.exp(-0.5 * z * z) * INV_SQRT_2PI
         return dy * (cdf + z * pdf)
     elif ACTIVATION == GELU_TANH:
-        t = _tanh((z + z * z * z * GELU_KAPPA) * SQRT_2_OVER_PI)
+        u = _gelu_tanh_inner(z)
         slope = (1.0 + z * z * (3.0 * GELU_KAPPA)) * SQRT_2_OVER_PI
-        return dy * (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * slope)
+        return dy * (_sigmoid(2.0 * u) + 0.5 * z * _sech2(u) * slope)
     elif ACTIVATION == MISH:
-        t = _tanh(_softplus(z))
-        return dy * (t + z * _sigmoid(z) * (1.0 - t * t))
+        softplus = _softplus(z)
+        return dy * (_tanh(softplus) + z * _sigmoid(z) * _sech2(softplus))
     elif ACTIVATION == TANH:
         t = _tanh(z).to(OUT_DTYPE).to(z.dtype)
         return dy * (1.0 - t * t)

@@ -96,8 +96,8 @@ def _grad_reduce_kernel(
                                                   BLOCK_S, INT64)
                 g2, x_mu2 = _grad_tile(x2, dy2, r2, center, center_d, scale, bias, act_param,
                                        ACC, ACTIVATION, HAS_RESIDUAL)
-                acc_g += g2
-                acc_gx += g2 * x_mu2
+                acc_g += tl.where(mask2, g2, 0.0)
+                acc_gx += tl.where(mask2, g2 * x_mu2, 0.0)
                 if HAS_RESIDUAL:
                     store_tile(dr_ptr, g2, mask2, n1, s1, c, stride_drn, stride_drc, stride_drs,
                                BLOCK_N, BLOCK_S, INT64)
@@ -106,8 +106,8 @@ def _grad_reduce_kernel(
                                stride_dxs, BLOCK_N, BLOCK_S, INT64)
             g, x_mu = _grad_tile(x, dy, r, center, center_d, scale, bias, act_param, ACC,
                                  ACTIVATION, HAS_RESIDUAL)
-            acc_g += g
-            acc_gx += g * x_mu
+            acc_g += tl.where(mask, g, 0.0)
+            acc_gx += tl.where(mask, g * x_mu, 0.0)
             if HAS_RESIDUAL:
                 store_tile(dr_ptr, g, mask, n0, s0, c, stride_drn, stride_drc, stride_drs,
                            BLOCK_N, BLOCK_S, INT64)

@@ -120,6 +120,36 @@ def test_nan_passes_through_as_in_eager(case):
     assert torch.equal(ours(x).isnan(), theirs(x).isnan())
 
 
+@pytest.mark.parametrize("case", ACTIVATION_CASES, ids=case_id)
+def test_activation_over_its_whole_range(case):
+    """Eval with z = x exactly (mean 0, var 1, eps 0) on a dense grid out to where exp under-
+    and overflows: output and input gradient each within twice eager float32's own error
+    against float64, plus a few ulps. The float64 reference itself cancels to about
+    eps64 * |z| (gelu's 1 + tanh), hence the last term of the tolerance."""
+    activation, kwargs = case
+    grid = torch.cat([torch.linspace(-100, 100, 20001), torch.linspace(-4, 4, 8001),
+                      torch.logspace(-30, 0, 61), -torch.logspace(-30, 0, 61)])
+    x = grid.reshape(1, 1, -1).to(DEVICE).requires_grad_()
+    dy = torch.randn_like(x)
+    y = tritonbn.bn_act(x, torch.zeros(1, device=DEVICE), torch.ones(1, device=DEVICE),
+                        eps=0.0, activation=activation, activation_kwargs=kwargs)
+    (dx,) = torch.autograd.grad(y, x, dy)
+
+    def eager(dtype):
+        x_ = x.detach().to(dtype).requires_grad_()
+        y_ = eager_act(activation, kwargs)(x_)
+        return y_.double(), torch.autograd.grad(y_, x_, dy.to(dtype))[0].double()
+
+    (y32, dx32), (y64, dx64) = eager(torch.float32), eager(torch.float64)
+    eps32, eps64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
+    for ours, eager32, exact, scale in ((y, y32, y64, 0.0), (dx, dx32, dx64, dy.abs())):
+        tolerance = (2 * (eager32 - exact).abs() + 8 * eps32 * (exact.abs() + scale)
+                     + 4 * eps64 * (grid.to(DEVICE).abs() + 1))
+        error = (ours.double() - exact).abs()
+        outside = (error > tolerance) & ~(ours.isnan() & exact.isnan())
+        assert not outside.any(), f"z = {grid[outside.flatten().cpu()][:5].tolist()}"
+
+
 def test_float64_is_exact_to_rounding():
     x = make_input((4, 5, 6, 3), dtype=torch.float64, offset=3.0)
     weight, bias, running_mean, running_var = make_params(5, torch.float64)

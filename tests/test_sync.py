@@ -369,6 +369,18 @@ def check_copies_share_the_group(rank, world):
     assert torch.equal(twin[1].running_var, model[1].running_var)
 
 
+def check_fuse_keeps_the_group(rank, world):
+    """fuse_bn_act copies a model whose nn.SyncBatchNorm holds a process group, and the
+    fused layer synchronises over that group: one all_gather forward, one all_reduce back."""
+    group = dist.new_group()
+    model = nn.Sequential(nn.Linear(3, 3), nn.SyncBatchNorm(3, process_group=group), nn.SiLU())
+    layer = tritonbn.fuse_bn_act(model).get_submodule("1")
+    assert type(layer) is SyncBatchNormAct and layer.process_group is group
+    with CountOps() as ops:
+        layer(torch.randn(2 + rank, 3, device=DEVICE, requires_grad=True)).sum().backward()
+    assert ops.collectives == ["_allgather_base_", "allreduce_"], ops.collectives
+
+
 def check_channel_mismatch(rank, world):
     """Layers that disagree on num_features: with torch.distributed's DETAIL debug level the
     collective raises on every rank, and the group stays usable."""
@@ -404,8 +416,8 @@ def _group_worker(rank, world, port, seed):
                 torch.manual_seed(seed)
                 check_layer(rank, world, **check)
         # Compiling costs seconds, and a world of 2 shows what it has to show.
-        for check in ((check_ddp, check_copies_share_the_group, check_channel_mismatch,
-                       check_bad_input_raises_before_any_collective)
+        for check in ((check_ddp, check_copies_share_the_group, check_fuse_keeps_the_group,
+                       check_channel_mismatch, check_bad_input_raises_before_any_collective)
                       + ((check_compiled,) if world == 2 else ())):
             torch.manual_seed(seed)
             check(rank, world)

@@ -174,13 +174,13 @@ def fuse_bn_act(model: nn.Module) -> nn.Module:
     level, each BatchNorm left alone at DEBUG level. An untraceable model comes back as a deep
     copy with a warning, ``fused_pairs == ()`` and every BatchNorm in ``left_alone``.
     """
-    root = copy.deepcopy(model)
+    root = _copy(model)
     try:
         graph = _Tracer().trace(root)
     except Exception as error:  # tracing runs arbitrary user code: any failure means "cannot"
         warnings.warn(f"fuse_bn_act: torch.fx cannot trace {type(model).__name__} "
                       f"({_describe(error)}); returning the model unchanged", stacklevel=2)
-        unchanged = copy.deepcopy(model)  # tracing may have run side effects on root
+        unchanged = _copy(model)  # tracing may have run side effects on root
         unchanged.fused_pairs = ()
         unchanged.left_alone = {name: "torch.fx cannot trace the model"
                                 for name, _ in _batchnorm_modules(unchanged)}
@@ -529,11 +529,20 @@ def _feeds(root: nn.Module, node: fx.Node) -> str:
     return f"feeds a {type(module).__name__}"
 
 
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy of model that shares its process groups (nn.SyncBatchNorm's), which are
+    handles on the processes and cannot be copied."""
+    groups = {id(m.process_group): m.process_group for m in model.modules()
+              if isinstance(m, nn.SyncBatchNorm) and m.process_group is not None}
+    return copy.deepcopy(model, groups)
+
+
 def _fused_module(bn: nn.Module, fused_class, route: _Route) -> nn.Module:
     """The BatchNormAct twin of bn, holding bn's own parameter and buffer tensors."""
+    group = {"process_group": bn.process_group} if isinstance(bn, nn.SyncBatchNorm) else {}
     fused = fused_class(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                         activation=route.activation, activation_kwargs=route.kwargs,
-                        device="meta")
+                        device="meta", **group)
     # Overwrites every placeholder the constructor made (same class family, same flags).
     for name, param in bn._parameters.items():
         fused.register_parameter(name, param)
