@@ -381,7 +381,7 @@ def test_an_add_of_two_batchnorms_goes_to_the_first_that_can_move(in_place_betwe
     assert converted.fused_pairs == (FusedPair(winner, "torch.nn.functional.relu", loser),)
     assert converted.left_alone == {loser: (
         "what runs between it and its add writes in place or uses it" if in_place_between
-        else "feeds an add fused with bn_a")}
+        else "feeds an add fused with another BatchNorm")}
     assert_same_model(model, converted, randn((5, 4)), train_steps=1)
 
 

@@ -260,7 +260,7 @@ def _plan(root: nn.Module, calls: dict[str, list[fx.Node]]):
         routes = {}
         for node, route in live.items():
             if isinstance(route, _Route) and route.add and claims[route.add] is not route:
-                route = route.alone or f"feeds an add fused with {claims[route.add].bn.target}"
+                route = route.alone or "feeds an add fused with another BatchNorm"
             routes[node] = route
         newly = {target: reason for target, nodes in calls.items() if target not in refused
                  for reason in [_calls_refusal([routes[node] for node in nodes])] if reason}

@@ -1,0 +1,203 @@
+"""fuse_bn_act on the model zoos: the counts of perf/zoo.py's table for every torchvision and
+timm model in it, the conversion's same-function check on all of them, and timm's and
+torchvision's own modules (BatchNormAct2d, DropPath, DropBlock2d, StochasticDepth) one by one.
+
+The same-function check of every model runs the BatchNorms through PyTorch's reference (the
+interpreter takes minutes per model): it checks the graph rewrite, not the kernels, which the
+rest of the suite checks, the timm blocks below included. Without torchvision and timm these
+tests skip, except in CI (CI=true), where they fail.
+"""
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import DEVICE
+from test_convert import assert_same_model, randn
+from tritonbn import BatchNormAct2d, ops
+from tritonbn.convert import FusedPair, fuse_bn_act
+
+
+def _import_zoo_packages():
+    try:
+        import timm
+        import torchvision
+    except Exception as error:  # torchvision's C++ ops fail to load on a mismatched torch
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"torchvision and timm are needed: {type(error).__name__}: {error}",
+                    allow_module_level=True)
+    return timm, torchvision
+
+
+timm, torchvision = _import_zoo_packages()
+from timm.layers import BatchNormAct2d as TimmBatchNormAct2d  # noqa: E402
+from timm.layers import DropBlock2d, DropPath  # noqa: E402
+from torchvision.ops import StochasticDepth  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location(
+    "zoo", Path(__file__).resolve().parents[1] / "perf" / "zoo.py")
+zoo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(zoo)
+
+# model: (BatchNorms, fused, with an activation, with a residual, {reason: count} of the rest)
+EXPECTED = {
+    "torchvision/resnet18": (20, 17, 17, 8, {"feeds an add fused with another BatchNorm": 3}),
+    "torchvision/resnet50": (53, 49, 49, 16, {"feeds an add fused with another BatchNorm": 4}),
+    "torchvision/resnext50_32x4d": (53, 49, 49, 16,
+                                    {"feeds an add fused with another BatchNorm": 4}),
+    # proj(x) + f(x): f's in-place ReLUs run between proj's BatchNorm and the add.
+    "torchvision/regnet_y_400mf": (53, 49, 49, 16, {
+        "what runs between it and its add writes in place or uses it": 4}),
+    "torchvision/mobilenet_v2": (52, 45, 35, 10, {"feeds a Conv2d": 2,
+                                                  "its output has 2 consumers": 5}),
+    "torchvision/mobilenet_v3_large": (46, 41, 31, 10, {"its output has 2 consumers": 5}),
+    "torchvision/efficientnet_b0": (49, 33, 33, 0, {"feeds a Conv2d": 2,
+                                                    "its output has 2 consumers": 5,
+                                                    "feeds a StochasticDepth whose p > 0": 9}),
+    "torchvision/densenet121": (121, 121, 121, 0, {}),
+    "timm/resnet50": (53, 49, 49, 16, {"feeds an add fused with another BatchNorm": 4}),
+    # Every timm BatchNormAct2d; those without an activation that feed no add are converted
+    # alone (with_activation and with_residual count neither).
+    "timm/efficientnet_b0": (49, 49, 33, 9, {}),
+    "timm/mobilenetv3_large_100": (46, 46, 31, 10, {}),
+    "timm/cspdarknet53": (67, 67, 67, 0, {}),
+    "timm/regnety_008": (47, 47, 43, 14, {}),
+}
+
+
+@pytest.fixture
+def reference_backend(monkeypatch):
+    """CPU tensors take PyTorch's reference path instead of the interpreter."""
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(ops, "INTERPRETING", False)
+
+
+@pytest.mark.parametrize("model_name", EXPECTED)
+def test_zoo_counts_and_same_function(model_name, reference_backend):
+    batchnorms, fused, with_activation, with_residual, reasons = EXPECTED[model_name]
+    (train, evaluation) = zoo.run(model_name, image_size=32, batch=2, counts_only=False,
+                                  seed=torch.randint(2**31, ()).item())
+    assert (train["batchnorms"], train["fused"], train["with_activation"],
+            train["with_residual"]) == (batchnorms, fused, with_activation, with_residual)
+    assert train["left_alone"] == "; ".join(f"{n} {reason}" for reason, n in reasons.items())
+    assert (train["mode"], evaluation["mode"]) == ("train", "eval")
+    for row in (train, evaluation):
+        assert row["ratio_fp64"] <= 2, row
+
+
+def test_torchvision_resnet50_pairs():
+    """bn1 and bn2 of every bottleneck with its ReLU; bn3 with the residual and the ReLU after
+    the add: the downsample's BatchNorm, or the previous block's output."""
+    model = torchvision.models.resnet50(weights=None)
+    converted = fuse_bn_act(model)
+    expected = [FusedPair("bn1", "relu")]
+    previous = "maxpool"
+    for layer in range(1, 5):
+        for index in range(len(model.get_submodule(f"layer{layer}"))):
+            block = f"layer{layer}.{index}"
+            residual = f"{block}.downsample.1" if index == 0 else previous
+            expected += [FusedPair(f"{block}.bn1", f"{block}.relu"),
+                         FusedPair(f"{block}.bn2", f"{block}.relu"),
+                         FusedPair(f"{block}.bn3", f"{block}.relu", residual)]
+            previous = f"{block}.relu"
+    assert list(converted.fused_pairs) == expected
+    assert converted.left_alone == {f"layer{layer}.0.downsample.1":
+                                    "feeds an add fused with another BatchNorm"
+                                    for layer in range(1, 5)}
+    assert list(converted.state_dict()) == list(model.state_dict())
+
+
+class TimmBlock(nn.Module):
+    """timm's pattern: BatchNormAct2d with an activation, then one without, whose output goes
+    through drop_path into the residual add."""
+
+    def __init__(self, act_layer=nn.SiLU, drop_layer=None, drop_path=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn1 = TimmBatchNormAct2d(3, act_layer=act_layer, drop_layer=drop_layer)
+        self.conv2 = nn.Conv2d(3, 3, 1, bias=False)
+        self.bn2 = TimmBatchNormAct2d(3, apply_act=False)
+        self.drop_path = drop_path or nn.Identity()
+
+    def forward(self, x):
+        shortcut = x
+        x = self.bn2(self.conv2(self.bn1(self.conv1(x))))
+        return self.drop_path(x) + shortcut
+
+
+def timm_act(name):
+    return timm.layers.get_act_layer(name)
+
+
+@pytest.mark.parametrize("act_layer, activation, kwargs", [
+    (nn.SiLU, "silu", {}),
+    (nn.LeakyReLU, "leaky_relu", {"negative_slope": 0.01}),
+    (timm_act("gelu_tanh"), "gelu", {"approximate": "tanh"}),  # timm's own class, traced
+    (timm_act("hard_swish"), "hardswish", {}),
+], ids=["SiLU", "LeakyReLU", "timm-GELUTanh", "Hardswish"])
+def test_timm_batchnorm_act(act_layer, activation, kwargs):
+    model = TimmBlock(act_layer, drop_path=DropPath(0.0)).to(DEVICE)
+    converted = fuse_bn_act(model)
+    assert converted.fused_pairs == (FusedPair("bn1", "bn1.act"),
+                                     FusedPair("bn2", None, "x"))
+    assert type(converted.bn1) is BatchNormAct2d and type(converted.bn2) is BatchNormAct2d
+    assert (converted.bn1.activation, converted.bn1.activation_kwargs) == (activation, kwargs)
+    assert converted.bn2.activation == "identity"
+    assert list(converted.state_dict()) == list(model.state_dict())
+    assert_same_model(model, converted, randn((2, 3, 4, 3)), train_steps=1)
+
+
+def test_timm_batchnorm_act_without_activation_is_converted_alone():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), TimmBatchNormAct2d(3, apply_act=False),
+                          nn.Conv2d(3, 2, 1))
+    assert fuse_bn_act(model).fused_pairs == (FusedPair("1", None),)
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda: TimmBlock(drop_layer=lambda: DropBlock2d(0.1)),
+     "its drop layer DropBlock2d is not a no-op"),
+    (lambda: TimmBlock(act_layer=nn.PReLU), "its activation PReLU is not supported"),
+    (lambda: TimmBlock(act_layer=nn.CELU), "its activation CELU is not supported"),
+], ids=["DropBlock", "PReLU", "CELU"])
+def test_timm_batchnorm_act_left_alone(make, reason):
+    converted = fuse_bn_act(make())
+    assert converted.left_alone == {"bn1": reason}
+    assert converted.fused_pairs == (FusedPair("bn2", None, "x"),)
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: DropPath(0.2), "DropPath whose drop_prob"),
+    (lambda: StochasticDepth(0.2, "row"), "StochasticDepth whose p"),
+], ids=["DropPath", "StochasticDepth"])
+def test_stochastic_depth_is_not_a_no_op_and_keeps_its_mode(make, name):
+    """Converted in eval mode, where the module passes its input through, it still drops paths
+    once the model trains: it stays a module call in the graph, not a traced-out branch."""
+    model = TimmBlock(drop_path=make()).eval()
+    model.bn2 = nn.BatchNorm2d(3)  # timm's would be converted alone
+    converted = fuse_bn_act(model)
+    assert converted.left_alone == {"bn2": f"feeds a {name} > 0"}
+    assert [n.target for n in converted.graph.nodes if n.op == "call_module"].count(
+        "drop_path") == 1
+    converted.train()
+    x = torch.randn(64, 3, 2, 2, device=DEVICE)
+    dropped = (converted.drop_path(x) == 0).flatten(1).all(dim=1)
+    assert dropped.any() and not dropped.all()
+
+
+def test_zero_rate_drop_modules_are_no_ops():
+    for drop_path in (DropPath(0.0), StochasticDepth(0.0, "row"), DropBlock2d(0.0)):
+        converted = fuse_bn_act(TimmBlock(drop_path=drop_path))
+        assert converted.fused_pairs[-1] == FusedPair("bn2", None, "x")
+
+
+def test_zoo_script_writes_counts(tmp_path):
+    out = tmp_path / "zoo.csv"
+    assert zoo.main(["--models", "timm/resnet50", "--counts-only", "--out", str(out)]) == 0
+    header, row = out.read_text().splitlines()
+    assert header.split(",")[:5] == ["model", "batchnorms", "fused", "with_activation",
+                                     "with_residual"]
+    assert row.startswith("timm/resnet50,53,49,49,16,4 feeds an add fused with another")
