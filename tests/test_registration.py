@@ -132,6 +132,13 @@ def test_cpu_without_interpreter_runs_the_reference():
               "m, ref = tritonbn.BatchNormAct1d(3), torch.nn.BatchNorm1d(3)\n"
               "x = torch.randn(8, 3, 5)\n"
               "torch.testing.assert_close(m(x), torch.relu(ref(x)))\n"
-              "torch.testing.assert_close(m.running_var, ref.running_var)\n")
+              "torch.testing.assert_close(m.running_var, ref.running_var)\n"
+              # The registered ops' bodies run without autograd, the reference's backward too.
+              "x.requires_grad_()\n"
+              "y = torch.compile(m, fullgraph=True, backend='aot_eager')(x)\n"
+              "dx, = torch.autograd.grad(y, x, y)\n"
+              "x64 = x.detach().double().requires_grad_()\n"
+              "y64 = torch.relu(ref.double()(x64))\n"
+              "torch.testing.assert_close(dx, torch.autograd.grad(y64, x64, y64)[0].float())\n")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)

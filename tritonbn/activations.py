@@ -8,6 +8,7 @@ This module needs no Triton, so the reference path can use it on machines withou
 from types import MappingProxyType
 from typing import NamedTuple, Optional
 
+import torch
 import torch.nn.functional as F
 
 IDENTITY = 0
@@ -100,6 +101,29 @@ def eager_activation(spec: ActivationSpec):
         GELU_TANH: lambda z: F.gelu(z, approximate="tanh"),
         MISH: F.mish,
         TANH: F.tanh,
+    }[code]
+
+
+def eager_activation_grad(spec: ActivationSpec):
+    """(dy, z) -> dy * act'(z) as eager autograd computes it, by the backward op PyTorch's
+    derivatives.yaml names for the activation (from z, or from y = act(z) where that op takes
+    the result). It needs no autograd, which a registered op's body runs without."""
+    code, param = spec
+    aten = torch.ops.aten
+    return {
+        IDENTITY: lambda dy, z: dy,
+        RELU: lambda dy, z: aten.threshold_backward(dy, F.relu(z), 0),
+        SIGMOID: lambda dy, z: aten.sigmoid_backward(dy, torch.sigmoid(z)),
+        RELU6: lambda dy, z: aten.hardtanh_backward(dy, z, 0.0, 6.0),
+        LEAKY_RELU: lambda dy, z: aten.leaky_relu_backward(dy, z, param, False),
+        ELU: lambda dy, z: aten.elu_backward(dy, param, 1, 1, False, z),
+        SILU: lambda dy, z: aten.silu_backward(dy, z),
+        HARDSWISH: lambda dy, z: aten.hardswish_backward(dy, z),
+        HARDSIGMOID: lambda dy, z: aten.hardsigmoid_backward(dy, z),
+        GELU: lambda dy, z: aten.gelu_backward(dy, z),
+        GELU_TANH: lambda dy, z: aten.gelu_backward(dy, z, approximate="tanh"),
+        MISH: lambda dy, z: aten.mish_backward(dy, z),
+        TANH: lambda dy, z: aten.tanh_backward(dy, torch.tanh(z)),
     }[code]
 
 

@@ -7,7 +7,7 @@ gradient are eager PyTorch's own, applied to z rounded to x's dtype as eager Bat
 """
 import torch
 
-from .activations import ActivationSpec, eager_activation
+from .activations import ActivationSpec, eager_activation, eager_activation_grad
 from .dtypes import accumulate_dtype
 
 
@@ -72,10 +72,7 @@ def normalize_act(x, mean, var, weight, bias, residual, eps: float, activation: 
 def _gradient(dy, x, mean, var, weight, bias, residual, eps, activation, activation_param):
     """(x - mean, rstd, scale, g), g = dy * act'(z) as eager's backward computes it."""
     x_mu, rstd, scale, z = _pre_activation(x, mean, var, weight, bias, residual, eps)
-    z = z.detach().requires_grad_()
-    with torch.enable_grad():
-        y = eager_activation(ActivationSpec(activation, activation_param))(z)
-    (g,) = torch.autograd.grad(y, z, dy.to(z.dtype))
+    g = eager_activation_grad(ActivationSpec(activation, activation_param))(dy.to(z.dtype), z)
     return x_mu, rstd, scale, g
 
 
@@ -97,7 +94,9 @@ def _dx(x, x_mu, rstd, scale, g, sums, count):
 
 
 def _in_dtype_of(t, like):
-    return t if like is None else t.to(like.dtype)
+    """A copy of t in like's dtype (t's without like): a registered op's outputs may not be
+    views of one another."""
+    return t.to(t.dtype if like is None else like.dtype, copy=True)
 
 
 def normalize_act_backward(dy, x, mean, var, weight, bias, residual, eps: float,
