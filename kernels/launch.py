@@ -24,8 +24,14 @@ Triton's own path. ``TRITONBN_DIRECT_LAUNCH=0`` forces Triton's path; ``=1`` tak
 path on an unlisted version too, which is how a GPU run validates one (``tests/test_launch.py``
 compares the two paths there). A kernel whose direct launch raises warns once and takes
 Triton's path from then on, that call included.
+
+Inside ``traced_launches()`` (the bodies of the ops registered with ``torch.library.triton_op``)
+every launch goes through ``torch.library.wrap_triton`` instead: torch.compile records it, and
+Inductor then launches the kernel from its own generated code.
 """
+import contextlib
 import os
+import threading
 import warnings
 from typing import NamedTuple
 
@@ -60,6 +66,25 @@ LAUNCH_DIRECTLY = direct_launches(os.environ.get("TRITONBN_DIRECT_LAUNCH", ""),
 MAX_CACHED = 4096
 
 
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def traced_launches():
+    """Launches made inside go through torch.library.wrap_triton, and their scratch buffers
+    are allocated per call (merge.workspace): a trace must hold no tensor from outside it."""
+    previous = launches_traced()
+    _tracing.on = True
+    try:
+        yield
+    finally:
+        _tracing.on = previous
+
+
+def launches_traced() -> bool:
+    return getattr(_tracing, "on", False)
+
+
 def _active(hook):
     """The launch hook to hand to the launcher, or None. Triton keeps an empty HookChain rather
     than None when no profiler is attached; passing None spares two calls per launch."""
@@ -91,6 +116,11 @@ class CachedLaunch:
         self._fell_back = False  # a direct launch raised: nothing is cached any more
 
     def launch(self, cache_key, tensors, floats, bind):
+        if launches_traced():
+            bound = bind()
+            torch.library.wrap_triton(self.jit_fn)[bound.grid](
+                *tensors, *bound.ints, *floats, **bound.constexprs)
+            return
         if not LAUNCH_DIRECTLY:
             self._through_triton(bind(), tensors, floats)
             return

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launches_traced
+
 # Elements per [rows, channels] tile the mergers load per iteration.
 MERGE_TILE = 4096
 
@@ -120,7 +122,10 @@ def workspace(device: torch.device, counters: int, partials: int, dtype: torch.d
     """(counters, partials): at least that many zeroed int32 counters and `dtype` scratch
     elements, private to the current stream of `device`. Launches queued on one stream run
     one after another, so they share them; each stream has its own, as must each thread that
-    runs kernels on the CPU through the interpreter."""
+    runs kernels on the CPU through the interpreter. Fresh ones for a traced launch."""
+    if launches_traced():
+        return (torch.zeros(counters, dtype=torch.int32, device=device),
+                torch.empty(partials, dtype=dtype, device=device))
     stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     return (_stream_buffer(device, stream, torch.int32, counters),
             _stream_buffer(device, stream, dtype, partials))

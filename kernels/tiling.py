@@ -81,7 +81,12 @@ def make_plan(t: torch.Tensor, ncs, *others_ncs) -> Plan:
     strides are others_ncs). Cached: this runs on every launch."""
     device = t.device
     sms = _sm_count(device.index) if device.type == "cuda" else INTERPRETER_SMS
-    return _plan(t.shape, (ncs,) + others_ncs, t.element_size(), sms)
+    strides = (ncs,) + others_ncs
+    try:
+        return _plan(t.shape, strides, t.element_size(), sms)
+    except TypeError:  # symbolic sizes (a trace): the tiles need numbers, so specialise
+        return _plan(tuple(map(int, t.shape)), tuple(tuple(map(int, s)) for s in strides),
+                     t.element_size(), sms)
 
 
 def _flat_rows(n, s, ncs) -> bool:

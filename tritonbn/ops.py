@@ -11,13 +11,19 @@
 
 The mutation lives in an op of its own because torch.library registers autograd only for
 functional ops. torch.compile traces these ops; eager calls take EagerBatchNormAct below, the
-same launchers without the dispatcher's per-call cost. CUDA tensors run the Triton kernels.
+same launchers without the dispatcher's per-call cost. Where the kernels are compiled for a GPU
+the ops are ``torch.library.triton_op``s: torch.compile traces into them, and Inductor launches
+the kernels from its own code, without a dispatch per op. Under Triton's interpreter (tracing a
+triton_op compiles its kernels for a GPU), without Triton, or with ``TRITONBN_TRITON_OP=0``,
+they are ``custom_op``s, which torch.compile calls as opaque functions. Both run the same
+bodies. CUDA tensors run the Triton kernels.
 CPU tensors run the same kernels through Triton's interpreter when TRITON_INTERPRET=1 was set
 before triton was imported, and the PyTorch reference otherwise (also where Triton is not
 installed). Tensors whose spatial dims do not collapse into one stride
 (``tritonbn.layout.strides_ncs``) are copied to contiguous first; every layout PyTorch names
 collapses.
 """
+import functools
 import os
 from typing import Optional
 
@@ -37,8 +43,11 @@ except ImportError:
     HAS_TRITON = False
 if HAS_TRITON:
     from . import kernels
+    from .kernels.launch import traced_launches
 # Triton decides when it is imported whether its kernels are interpreted.
 INTERPRETING = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRITON_OPS = (HAS_TRITON and not INTERPRETING
+              and os.environ.get("TRITONBN_TRITON_OP", "1") != "0")
 
 
 def runs_triton(x: Tensor) -> bool:
@@ -76,8 +85,23 @@ def run_normalize_act_backward(dy, x, mean, var, weight, bias, residual, eps, tr
                                              activation, activation_param)
 
 
-@torch.library.custom_op("tritonbn::batch_stats",
-                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def _register(name: str, mutates_args=()):
+    """The op decorator: triton_op, its body's launches traced (kernels.launch), where
+    TRITON_OPS; custom_op otherwise."""
+    if not TRITON_OPS:
+        return torch.library.custom_op(name, mutates_args=mutates_args)
+
+    def register(fn):
+        @functools.wraps(fn)  # the schema is read from fn's signature
+        def body(*args, **kwargs):
+            with traced_launches():
+                return fn(*args, **kwargs)
+        return torch.library.triton_op(name, body, mutates_args=mutates_args)
+    return register
+
+
+@_register("tritonbn::batch_stats",
+           mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 def batch_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 num_batches_tracked: Optional[Tensor],
                 momentum: Optional[float]) -> tuple[Tensor, Tensor]:
@@ -92,7 +116,7 @@ def _(x, running_mean, running_var, num_batches_tracked, momentum):
     return x.new_empty((2, x.shape[1]), dtype=var.dtype), var
 
 
-@torch.library.custom_op("tritonbn::normalize_act", mutates_args=())
+@_register("tritonbn::normalize_act")
 def normalize_act(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
                   bias: Optional[Tensor], residual: Optional[Tensor], eps: float,
                   training: bool, activation: int, activation_param: float) -> Tensor:
@@ -107,7 +131,7 @@ def _(x, mean, var, weight, bias, residual, eps, training, activation, activatio
     return torch.empty_like(walkable(x))
 
 
-@torch.library.custom_op("tritonbn::normalize_act_backward", mutates_args=())
+@_register("tritonbn::normalize_act_backward")
 def normalize_act_backward(dy: Tensor, x: Tensor, mean: Tensor, var: Tensor,
                            weight: Optional[Tensor], bias: Optional[Tensor],
                            residual: Optional[Tensor], eps: float, training: bool,
