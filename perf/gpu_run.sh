@@ -7,17 +7,20 @@
 #   perf/gpu_run.sh OUT_DIR sweep [ARGS...]  perf/sweep.py ARGS and its plots (the full sweep:
 #                                            93 cases in 385 s on an H100)
 #   perf/gpu_run.sh OUT_DIR quick            tests, then sweep --quick and its plots
-#   perf/gpu_run.sh OUT_DIR extras           perf/tune.py, resnet.py, convergence.py,
-#                                            host_overhead.py
+#   perf/gpu_run.sh OUT_DIR extras           perf/tune.py, convergence.py, host_overhead.py
+#                                            (eager, then compiled with triton_op and with
+#                                            custom_op), sync_bench.py (2 gloo ranks)
+#   perf/gpu_run.sh OUT_DIR resnet [ARGS...] perf/resnet.py ARGS, every variant by default
+#                                            (six compiles: the longest step)
 #
 # A test failure does not stop a later step; the exit status is non-zero if any step failed.
 set -uo pipefail
 
-usage="usage: perf/gpu_run.sh OUT_DIR tests|sweep|quick|extras [SWEEP_ARGS...]"
+usage="usage: perf/gpu_run.sh OUT_DIR tests|sweep|quick|extras|resnet [ARGS...]"
 out=${1:?$usage}
 step=${2:?$usage}
 shift 2
-[[ $step =~ ^(tests|sweep|quick|extras)$ ]] || { echo "$usage" >&2; exit 2; }
+[[ $step =~ ^(tests|sweep|quick|extras|resnet)$ ]] || { echo "$usage" >&2; exit 2; }
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONUNBUFFERED=1
@@ -64,11 +67,25 @@ fi
 if [[ $step == extras ]]; then
     python perf/tune.py 2>&1 | tee "$out/tune.log"
     (( PIPESTATUS[0] == 0 )) || status=1
-    python perf/resnet.py --out-dir "$out" 2>&1 | tee "$out/resnet.log"
-    (( PIPESTATUS[0] == 0 )) || status=1
     python perf/convergence.py --device cuda --out-dir "$out" 2>&1 | tee "$out/convergence.log"
     (( PIPESTATUS[0] == 0 )) || status=1
     python perf/host_overhead.py --stack 2>&1 | tee "$out/host.log"
+    (( PIPESTATUS[0] == 0 )) || status=1
+    python perf/host_overhead.py --compiled 2>&1 | tee "$out/host_compiled.log"
+    (( PIPESTATUS[0] == 0 )) || status=1
+    TRITONBN_TRITON_OP=0 python perf/host_overhead.py --compiled 2>&1 \
+        | tee "$out/host_compiled_custom_op.log"
+    (( PIPESTATUS[0] == 0 )) || status=1
+    # NCCL needs a GPU per rank: on one GPU, gloo puts both ranks on it.
+    python perf/sync_bench.py --out "$out/sync.csv" 2>&1 | tee "$out/sync.log"
+    (( PIPESTATUS[0] == 0 )) || status=1
+fi
+
+if [[ $step == resnet ]]; then
+    resnet_args=("$@")
+    (( ${#resnet_args[@]} )) || resnet_args=(--variants \
+        eager,converted,compile,compile_converted,cudagraphs,cudagraphs_converted)
+    python perf/resnet.py --out-dir "$out" "${resnet_args[@]}" 2>&1 | tee "$out/resnet.log"
     (( PIPESTATUS[0] == 0 )) || status=1
 fi
 
