@@ -17,9 +17,20 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-CASE = ["shape", "dtype", "layout", "activation", "mode"]
+CASE = ["shape", "dtype", "layout", "activation", "residual", "mode"]
 PROVIDERS = ("eager", "compile", "tritonbn", "tritonbn_compile")
 PEERS = ["eager", "compile"]
+
+
+def with_residual_column(df: pd.DataFrame) -> pd.DataFrame:
+    """Sweeps from before residual rows have no residual column: none of their rows had one."""
+    return df if "residual" in df.columns else df.assign(residual=False)
+
+
+def relu_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """BN + ReLU rows without a residual: the rows every shape and format has."""
+    df = with_residual_column(df)
+    return df[(df.activation == "relu") & ~df.residual.astype(bool)]
 
 
 def speedup_vs_best_peer(df: pd.DataFrame, order: pd.MultiIndex, time_column: str) -> pd.Series:
@@ -37,6 +48,7 @@ def p50_by_provider(df: pd.DataFrame) -> pd.DataFrame:
     """One row per case (in sweep order), one p50 column per provider, then tritonbn's speedup
     over the best peer on wall time and on GPU time, its % of copy bandwidth and its max
     errors."""
+    df = with_residual_column(df)
     order = pd.MultiIndex.from_frame(df[CASE].drop_duplicates())
     table = df.set_index(CASE + ["provider"])["ms_p50"].unstack("provider")
     table = table.reindex(index=order, columns=[p for p in PROVIDERS if p in table.columns])
@@ -93,8 +105,8 @@ def bar_chart(ax, wide: pd.DataFrame, ylabel: str, title: str) -> None:
 
 
 def plot_speedup(df: pd.DataFrame, path: Path) -> None:
-    relu = df[(df.activation == "relu") & (df["mode"] == "train_fwdbwd")]
-    table = p50_by_provider(relu)
+    relu = relu_rows(df)
+    table = p50_by_provider(relu[relu["mode"] == "train_fwdbwd"])
     panels = [("speedup_vs_best_peer", "wall time")]
     if "gpu_speedup_vs_best_peer" in table.columns:
         panels.append(("gpu_speedup_vs_best_peer", "GPU time (CUDA graph replays)"))
@@ -111,7 +123,8 @@ def plot_speedup(df: pd.DataFrame, path: Path) -> None:
 
 
 def plot_copy_bandwidth(df: pd.DataFrame, path: Path) -> None:
-    relu = df[(df.activation == "relu") & (df.provider == "tritonbn")]
+    relu = relu_rows(df)
+    relu = relu[relu.provider == "tritonbn"]
     modes = list(dict.fromkeys(relu["mode"]))
     width = max(6.0, 0.5 * relu["shape"].nunique() + 3)
     fig, axes = plt.subplots(len(modes), 1, figsize=(width, 4 * len(modes)), squeeze=False)

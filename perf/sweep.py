@@ -5,13 +5,17 @@ prints a markdown summary.
 
 Providers: tritonbn (BatchNormAct*d), eager (nn.BatchNorm*d then the activation module),
 compile (torch.compile of that eager pair), tritonbn_compile (torch.compile of BatchNormAct*d).
+Rows with residual=True add a residual (x's shape and layout) between the BatchNorm and the
+ReLU, as a ResNet block's last BatchNorm does; train_fwdbwd then also takes its gradient.
 Modes: train_fwd (training forward, recording autograd as a training step does), train_fwdbwd
 (that forward plus the backward of a fixed random grad, to the input and the parameters; taken
 with torch.autograd.grad, so nothing accumulates into .grad), eval_fwd (under no_grad).
 
 Timing is triton.testing.do_bench's p20/p50/p80, with L2 flushed before every run. GB/s counts
-passes over the tensor, on the floor (train_fwd 2, train_fwdbwd 5, eval_fwd 2) and on the
-8-pass model (3, 8, 2), against the device-to-device copy bandwidth measured at the start.
+passes over the tensor, on the floor (train_fwd 2, train_fwdbwd 5, eval_fwd 2; with a residual
+3, 8, 3) and on the 8-pass model (3, 8, 2; with a residual 4, 11, 3: the backward's reduction
+also reads the residual and writes its gradient, which the dx pass reads in place of dy),
+against the device-to-device copy bandwidth measured at the start.
 max_abs_err (and max_abs_err_dx for train_fwdbwd) compare each provider with eager.
 host_us, on the small shapes only, is the wall time per call of a burst of calls with no sync:
 few enough that the launch queue never fills, so it is the host's time, not the GPU's.
@@ -64,8 +68,11 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 PROVIDERS = ("tritonbn", "eager", "compile", "tritonbn_compile")
 COMPILED = {"compile", "tritonbn_compile"}
 MODES = ("train_fwd", "train_fwdbwd", "eval_fwd")
-PASSES_FLOOR = {"train_fwd": 2, "train_fwdbwd": 5, "eval_fwd": 2}
-PASSES_MODEL = {"train_fwd": 3, "train_fwdbwd": 8, "eval_fwd": 2}
+# Passes by (mode, residual): the docstring counts them.
+PASSES_FLOOR = {("train_fwd", False): 2, ("train_fwdbwd", False): 5, ("eval_fwd", False): 2,
+                ("train_fwd", True): 3, ("train_fwdbwd", True): 8, ("eval_fwd", True): 3}
+PASSES_MODEL = {("train_fwd", False): 3, ("train_fwdbwd", False): 8, ("eval_fwd", False): 2,
+                ("train_fwd", True): 4, ("train_fwdbwd", True): 11, ("eval_fwd", True): 3}
 QUANTILES = (0.2, 0.5, 0.8)
 # Half do_bench's default warm-up and run time: still tens to thousands of runs per row, and
 # the full sweep keeps to minutes.
@@ -116,6 +123,7 @@ class Case:
     dtype: str
     layout: str  # contiguous, channels_last or channels_last_3d
     activation: str
+    residual: bool = False
 
     @property
     def label(self) -> str:
@@ -149,10 +157,12 @@ def plan_cases(args) -> list[Case]:
     for shape in shapes:
         for dtype, layout in formats:
             extra = shape in activation_shapes and (dtype, layout) == formats[0]
+            layout = shape_layout(layout, len(shape))
             for activation in ACTIVATIONS if extra else ("relu",):
                 if activation in args.activations:
-                    cases.append(Case(shape, dtype, shape_layout(layout, len(shape)),
-                                      activation))
+                    cases.append(Case(shape, dtype, layout, activation))
+            if extra and "relu" in args.activations:
+                cases.append(Case(shape, dtype, layout, "relu", residual=True))
     return list(dict.fromkeys(cases))  # 2-D shapes collapse layouts: drop the repeats
 
 
@@ -164,29 +174,45 @@ def random_state(channels: int) -> dict:
             "num_batches_tracked": torch.tensor(0)}
 
 
+class BatchNormAddAct(nn.Module):
+    """The eager peer: nn.BatchNorm*d, the residual add when there is one, the activation."""
+
+    def __init__(self, batchnorm: nn.Module, activation: nn.Module):
+        super().__init__()
+        self.batchnorm, self.activation = batchnorm, activation
+
+    def forward(self, x, residual=None):
+        y = self.batchnorm(x)
+        return self.activation(y if residual is None else y + residual)
+
+
 def build(provider: str, case: Case):
-    """(module, its BatchNorm, the callable to time): float32 parameters, as under autocast."""
+    """(module, its BatchNorm, the callable to time): float32 parameters, as under autocast.
+    The callable takes (x, residual or None)."""
     ndim, channels = len(case.shape), case.shape[1]
     if provider.startswith("tritonbn"):
         module = TRITONBN_MODULES[ndim](channels, activation=case.activation)
         batchnorm = module
     else:
         batchnorm = TORCH_BATCHNORMS[ndim](channels)
-        module = nn.Sequential(batchnorm, ACTIVATION_MODULES[case.activation]())
+        module = BatchNormAddAct(batchnorm, ACTIVATION_MODULES[case.activation]())
     module.to(DEVICE)
     if provider in COMPILED:
         return module, batchnorm, torch.compile(module, dynamic=False, fullgraph=True)
     return module, batchnorm, module
 
 
-def step(mode: str, run, batchnorm, x, dy):
-    """The call to time; it returns (y,) or, for train_fwdbwd, (y, dx, dweight, dbias)."""
+def step(mode: str, run, batchnorm, x, residual, dy):
+    """The call to time; it returns (y,) or, for train_fwdbwd, (y, dx, dweight, dbias
+    [, dresidual])."""
     if mode == "train_fwdbwd":
+        inputs = (x, batchnorm.weight, batchnorm.bias) + (() if residual is None else (residual,))
+
         def forward_backward():
-            y = run(x)
-            return (y, *torch.autograd.grad(y, (x, batchnorm.weight, batchnorm.bias), dy))
+            y = run(x, residual)
+            return (y, *torch.autograd.grad(y, inputs, dy))
         return forward_backward
-    return lambda: (run(x),)
+    return lambda: (run(x, residual),)
 
 
 def time_ms(fn) -> tuple[float, float, float]:
@@ -245,15 +271,17 @@ def run_case(case: Case, modes, providers, copy_gbps: float, progress) -> list[d
     state = random_state(case.shape[1])
     x = torch.randn(case.shape, dtype=DTYPES[case.dtype], device=DEVICE)
     x = x.contiguous(memory_format=MEMORY_FORMATS[case.layout]).requires_grad_()
+    residual = torch.randn_like(x).requires_grad_() if case.residual else None
     dy = torch.randn_like(x)
-    inputs = {mode: x.detach() if mode == "eval_fwd" else x for mode in modes}
+    inputs = {mode: (x.detach(), None if residual is None else residual.detach())
+              if mode == "eval_fwd" else (x, residual) for mode in modes}
     tensor_bytes = x.numel() * x.element_size()
 
     def prepared(built, mode):
         module, batchnorm, run = built
         batchnorm.load_state_dict(state)
         module.train(mode != "eval_fwd")
-        return step(mode, run, batchnorm, inputs[mode], dy)
+        return step(mode, run, batchnorm, *inputs[mode], dy)
 
     reference_module = build("eager", case)
     reference = {}
@@ -262,7 +290,8 @@ def run_case(case: Case, modes, providers, copy_gbps: float, progress) -> list[d
         built = None
         for mode in modes:
             row = {"shape": case.label, "dtype": case.dtype, "layout": case.layout,
-                   "activation": case.activation, "mode": mode, "provider": provider}
+                   "activation": case.activation, "residual": case.residual, "mode": mode,
+                   "provider": provider}
             try:
                 built = built or build(provider, case)
                 with torch.set_grad_enabled(mode != "eval_fwd"):
@@ -274,10 +303,11 @@ def run_case(case: Case, modes, providers, copy_gbps: float, progress) -> list[d
                     overhead = (host_us(fn) if ON_GPU and case.shape in HOST_SHAPES
                                 else float("nan"))
                     gpu_ms = graph_ms(fn) if ON_GPU else float("nan")
-                gbps_model = PASSES_MODEL[mode] * tensor_bytes / (p50 * 1e6)
+                passes = (mode, case.residual)
+                gbps_model = PASSES_MODEL[passes] * tensor_bytes / (p50 * 1e6)
                 row.update(
                     ms_p20=p20, ms_p50=p50, ms_p80=p80,
-                    gbps_floor=PASSES_FLOOR[mode] * tensor_bytes / (p50 * 1e6),
+                    gbps_floor=PASSES_FLOOR[passes] * tensor_bytes / (p50 * 1e6),
                     gbps_model=gbps_model, pct_copy_bw=gbps_model / copy_gbps * 100,
                     max_abs_err=max_abs_err(outputs[0], reference[mode][0]),
                     max_abs_err_dx=(max_abs_err(outputs[1], reference[mode][1])
@@ -285,8 +315,9 @@ def run_case(case: Case, modes, providers, copy_gbps: float, progress) -> list[d
                     host_us=overhead, gpu_ms=gpu_ms)
             except Exception as error:  # noqa: BLE001 - recorded in the row; the sweep goes on
                 row["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-                progress.write(f"{case.label} {case.dtype} {case.layout} {case.activation} "
-                               f"{mode} {provider}: {row['error']}")
+                progress.write(f"{case.label} {case.dtype} {case.layout} {case.activation}"
+                               f"{' residual' if case.residual else ''} {mode} {provider}: "
+                               f"{row['error']}")
             rows.append(row)
             progress.update()
     return rows
@@ -295,7 +326,7 @@ def run_case(case: Case, modes, providers, copy_gbps: float, progress) -> list[d
 def add_speedups(df: pd.DataFrame) -> pd.DataFrame:
     """speedup_vs_<peer> and gpu_speedup_vs_<peer>: the peer's ms_p50 (gpu_ms) over this
     row's, in the same configuration."""
-    key = ["shape", "dtype", "layout", "activation", "mode"]
+    key = ["shape", "dtype", "layout", "activation", "residual", "mode"]
     for peer in ("eager", "compile"):
         for time_column, prefix in (("ms_p50", ""), ("gpu_ms", "gpu_")):
             peer_ms = df.loc[df.provider == peer, key + [time_column]].rename(
@@ -306,8 +337,8 @@ def add_speedups(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-COLUMNS = ["shape", "dtype", "layout", "activation", "mode", "provider", "ms_p20", "ms_p50",
-           "ms_p80", "gbps_floor", "gbps_model", "pct_copy_bw", "speedup_vs_eager",
+COLUMNS = ["shape", "dtype", "layout", "activation", "residual", "mode", "provider", "ms_p20",
+           "ms_p50", "ms_p80", "gbps_floor", "gbps_model", "pct_copy_bw", "speedup_vs_eager",
            "speedup_vs_compile", "gpu_ms", "gpu_speedup_vs_eager", "gpu_speedup_vs_compile",
            "max_abs_err", "max_abs_err_dx", "host_us", "copy_gbps", "gpu",
            "torch", "triton", "date", "interpreter", "error"]

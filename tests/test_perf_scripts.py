@@ -11,8 +11,8 @@ import pytest
 from conftest import ON_GPU
 
 PERF = Path(__file__).resolve().parents[1] / "perf"
-COLUMNS = ["shape", "dtype", "layout", "activation", "mode", "provider", "ms_p20", "ms_p50",
-           "ms_p80", "gbps_floor", "gbps_model", "pct_copy_bw", "speedup_vs_eager",
+COLUMNS = ["shape", "dtype", "layout", "activation", "residual", "mode", "provider", "ms_p20",
+           "ms_p50", "ms_p80", "gbps_floor", "gbps_model", "pct_copy_bw", "speedup_vs_eager",
            "speedup_vs_compile", "gpu_ms", "gpu_speedup_vs_eager", "gpu_speedup_vs_compile",
            "max_abs_err", "max_abs_err_dx", "host_us", "gpu", "torch", "triton", "date",
            "interpreter"]
@@ -27,6 +27,7 @@ def run_script(name: str, *args: str) -> str:
 
 @pytest.mark.slow
 def test_sweep_writes_rows_that_plot_reads(tmp_path):
+    """One shape, with and without a residual (the first shape also runs the residual case)."""
     csv = tmp_path / "sweep.csv"
     run_script("sweep.py", "--tiny", "--shapes", "2x3x4x4", "--dtypes", "fp32",
                "--layouts", "contiguous", "--activations", "relu", "--modes", "train_fwdbwd",
@@ -34,24 +35,29 @@ def test_sweep_writes_rows_that_plot_reads(tmp_path):
 
     df = pd.read_csv(csv)
     assert set(COLUMNS) <= set(df.columns)
-    assert sorted(df.provider) == ["eager", "tritonbn"]
+    assert sorted(zip(df.residual, df.provider)) == [(False, "eager"), (False, "tritonbn"),
+                                                     (True, "eager"), (True, "tritonbn")]
     assert df.error.isna().all(), df.error.tolist()
     assert (df.ms_p20 <= df.ms_p50).all() and (df.ms_p50 <= df.ms_p80).all()
     assert (df.gbps_model > df.gbps_floor).all()
-    tritonbn = df.set_index("provider").loc["tritonbn"]
-    assert tritonbn.max_abs_err < 1e-4 and tritonbn.max_abs_err_dx < 1e-4
-    assert tritonbn.speedup_vs_eager > 0
+    # 11 passes against 8 with a residual, on the same tensor size.
+    gbps_per_ms = (df.gbps_model * df.ms_p50).groupby(df.residual).first()
+    assert gbps_per_ms[True] / gbps_per_ms[False] == pytest.approx(11 / 8)
+    tritonbn = df[df.provider == "tritonbn"]
+    assert (tritonbn.max_abs_err < 1e-4).all() and (tritonbn.max_abs_err_dx < 1e-4).all()
+    assert (tritonbn.speedup_vs_eager > 0).all()
     # CUDA-graph replays: GPU time only, so never more than the wall time around it.
     if ON_GPU:
         assert (df.gpu_ms > 0).all() and (df.gpu_ms < df.ms_p80).all()
-        assert tritonbn.gpu_speedup_vs_eager > 0
+        assert (tritonbn.gpu_speedup_vs_eager > 0).all()
     else:
         assert df.gpu_ms.isna().all()
 
     out = run_script("plot.py", str(csv))
     for png in ("sweep-speedup.png", "sweep-copy-bw.png"):
         assert (tmp_path / png).stat().st_size > 0
-    assert "| 2x3x4x4 | fp32 | contiguous | relu | train_fwdbwd |" in out
+    assert "| 2x3x4x4 | fp32 | contiguous | relu | False | train_fwdbwd |" in out
+    assert "| 2x3x4x4 | fp32 | contiguous | relu | True | train_fwdbwd |" in out
     assert ("gpu_speedup_vs_best_peer" in out) == ON_GPU
 
 
@@ -74,7 +80,8 @@ def test_plot_puts_gpu_speedups_beside_wall_speedups(tmp_path):
     table = plot.p50_by_provider(df)
     assert table["speedup_vs_best_peer"].tolist() == [2.0, 2.0]  # eager's wall time
     assert table["gpu_speedup_vs_best_peer"].tolist() == [2.0, 2.0]  # compile's GPU time
-    assert "| 8x4x4x4 | bf16 | channels_last | relu | train_fwdbwd |" in plot.summary_table(df)
+    assert ("| 8x4x4x4 | bf16 | channels_last | relu | False | train_fwdbwd |"
+            in plot.summary_table(df))  # a sweep from before residual rows: none had one
     plot.plot_speedup(df, tmp_path / "speedup.png")
     assert (tmp_path / "speedup.png").stat().st_size > 0
     assert not plot.has_gpu_times(df.assign(gpu_ms=float("nan")))
