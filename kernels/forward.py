@@ -177,8 +177,9 @@ def _normalize_kernel(
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr,
     PAIR_S: tl.constexpr, INT64: tl.constexpr,
 ):
-    c, c_mask = program_channels(C, BLOCK_C)
-    n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
+    # In reverse: see program_index.
+    c, c_mask = program_channels(C, BLOCK_C, REVERSE=True)
+    n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S, REVERSE=True)
     center, center_d, _, scale, bias = channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr,
                                                       c, c_mask, C, eps, ACC, SHIFTED,
                                                       HAS_WEIGHT, HAS_BIAS)
