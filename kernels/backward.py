@@ -22,8 +22,8 @@ from tritonbn.dtypes import accumulate_dtype
 from tritonbn.layout import strides_ncs
 
 from .activations import activation_grad
-from .forward import channel_affine, dtype_of, load_x_r, pre_activation, triton_dtype
-from .launch import CachedLaunch, Launch
+from .forward import channel_affine, dtype_of, joined, load_x_r, pre_activation, triton_dtype
+from .launch import CachedLaunch, Launch, float32_pair
 from .merge import merge_partials, workspace
 from .tiling import (channel_sum, load_tile, make_plan, program_channels, program_rows,
                      store_tile)
@@ -66,7 +66,7 @@ def _grad_reduce_kernel(
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
     stride_rn, stride_rc, stride_rs, stride_dxn, stride_dxc, stride_dxs, stride_drn,
     stride_drc, stride_drs, CHUNK_N, CHUNK_S, SPLIT_S, SPLITS, GROUP, TOTALS_OFFSET,
-    TOTALS_STRIDE, eps, act_param,
+    TOTALS_STRIDE, eps_hi, eps_lo, act_param_hi, act_param_lo,
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, SHIFTED: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     WRITE_DX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -75,6 +75,7 @@ def _grad_reduce_kernel(
 ):
     c, c_mask = program_channels(C, BLOCK_C)
     n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
+    eps, act_param = joined(eps_hi, eps_lo, ACC), joined(act_param_hi, act_param_lo, ACC)
     center, center_d, rstd, scale, bias = channel_affine(mean_ptr, var_ptr, weight_ptr,
                                                          bias_ptr, c, c_mask, C, eps, ACC,
                                                          SHIFTED, HAS_WEIGHT, HAS_BIAS)
@@ -143,14 +144,16 @@ def _dx_kernel(
     totals_ptr,  # sum(g), sum(g * xhat) at totals_ptr + TOTALS_OFFSET + (0 or TOTALS_STRIDE)
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
     stride_rn, stride_rc, stride_rs, stride_dxn, stride_dxc, stride_dxs, CHUNK_N, CHUNK_S,
-    SPLIT_S, count, TOTALS_OFFSET, TOTALS_STRIDE, eps, act_param,
+    SPLIT_S, count, TOTALS_OFFSET, TOTALS_STRIDE, eps_hi, eps_lo, act_param_hi, act_param_lo,
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, SHIFTED: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr,
     PAIR_S: tl.constexpr, INT64: tl.constexpr,
 ):
-    c, c_mask = program_channels(C, BLOCK_C)
-    n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
+    # In reverse: see program_index.
+    c, c_mask = program_channels(C, BLOCK_C, REVERSE=True)
+    n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S, REVERSE=True)
+    eps, act_param = joined(eps_hi, eps_lo, ACC), joined(act_param_hi, act_param_lo, ACC)
     center, center_d, rstd, scale, bias = channel_affine(mean_ptr, var_ptr, weight_ptr,
                                                          bias_ptr, c, c_mask, C, eps, ACC,
                                                          SHIFTED, HAS_WEIGHT, HAS_BIAS)
@@ -223,7 +226,7 @@ def _reduce(walk, dy, x, mean, var, weight, bias, residual, dx, dresidual, total
         (x, dy, x if residual is None else residual, dx, dx if dresidual is None else dresidual,
          mean, var, mean if weight is None else weight, mean if bias is None else bias, partial,
          counters, dweight, dbias, partial if totals is None else totals),
-        (float(eps), float(activation_param)),
+        (*float32_pair(eps), *float32_pair(activation_param)),
         lambda: Launch(plan.grid, (plan.n, C, plan.s, *walk.x, *walk.dy, *walk.residual,
                                    *walk.dx, *walk.dresidual, plan.chunk_n, plan.chunk_s,
                                    plan.split_s, plan.splits, plan.group, totals_offset,
@@ -247,7 +250,7 @@ def _dx(walk, dy, x, mean, var, weight, bias, residual, dresidual, dx, totals, t
          dtype_of(bias), dtype_of(residual), activation, g_given),
         (x, dy, x if residual is None else residual, dx, mean, var,
          mean if weight is None else weight, mean if bias is None else bias, totals),
-        (float(eps), float(activation_param)),
+        (*float32_pair(eps), *float32_pair(activation_param)),
         lambda: Launch(plan.grid, (plan.n, C, plan.s, *walk.x, *g_strides, *walk.residual,
                                    *walk.dx, plan.chunk_n, plan.chunk_s, plan.split_s, count,
                                    totals_offset, totals_stride),

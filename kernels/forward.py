@@ -19,7 +19,6 @@ near the mean, where x - mean with the mean rounded to float32 would carry its r
 error, |mean| * 2^-24, into every output (6e-5 of std once |mean| / std reaches 1e3).
 The derivations: docs/DESIGN.md.
 """
-import struct
 
 import torch
 import triton
@@ -29,7 +28,7 @@ from tritonbn.dtypes import accumulate_dtype
 from tritonbn.layout import strides_ncs
 
 from .activations import activation
-from .launch import CachedLaunch, Launch
+from .launch import CachedLaunch, Launch, float32_pair
 from .merge import arrive_last_block, merge_partials, workspace
 from .tiling import (channel_sum, load_tile, make_plan, program_channels, program_rows,
                      store_tile)
@@ -88,10 +87,7 @@ def _batch_stats_kernel(
                 tracked = tl.load(tracked_ptr)  # rounds it: in float64, then to ACC
                 m = (1.0 / (tracked + 1).to(tl.float64)).to(ACC)
             else:
-                # Triton passes Python floats as float32: momentum comes as the float32
-                # nearest to it plus the float32 nearest to the rest, which float64 adds
-                # back to within 2^-48; 1 - m is taken in ACC too.
-                m = tl.cast(momentum_hi, ACC) + tl.cast(momentum_lo, ACC)
+                m = joined(momentum_hi, momentum_lo, ACC)  # 1 - m is taken in ACC too
             # The same expressions as PyTorch's CUDA kernel, so the buffers round alike.
             running_mean = tl.load(running_mean_ptr + c, mask=c_mask).to(ACC)
             running_var = tl.load(running_var_ptr + c, mask=c_mask).to(ACC)
@@ -114,6 +110,12 @@ def triton_dtype(dtype: torch.dtype):
 def dtype_of(t):
     """t's dtype, None for no tensor: what a cache key holds for an optional argument."""
     return None if t is None else t.dtype
+
+
+@triton.jit
+def joined(hi, lo, ACC: tl.constexpr):
+    """A float argument split by launch.float32_pair, back in ACC: float64 keeps its digits."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
 
 
 @triton.jit
@@ -171,14 +173,17 @@ def _normalize_kernel(
     mean_ptr, var_ptr,  # batch statistics ([2, C] mean: SHIFTED) or running statistics
     weight_ptr, bias_ptr,  # [C] or unused (HAS_WEIGHT, HAS_BIAS)
     N, C, S, stride_xn, stride_xc, stride_xs, stride_rn, stride_rc, stride_rs,
-    stride_yn, stride_yc, stride_ys, CHUNK_N, CHUNK_S, SPLIT_S, eps, act_param,
+    stride_yn, stride_yc, stride_ys, CHUNK_N, CHUNK_S, SPLIT_S, eps_hi, eps_lo, act_param_hi,
+    act_param_lo,
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, SHIFTED: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr,
     PAIR_S: tl.constexpr, INT64: tl.constexpr,
 ):
-    c, c_mask = program_channels(C, BLOCK_C)
-    n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
+    # In reverse: see program_index.
+    c, c_mask = program_channels(C, BLOCK_C, REVERSE=True)
+    n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S, REVERSE=True)
+    eps, act_param = joined(eps_hi, eps_lo, ACC), joined(act_param_hi, act_param_lo, ACC)
     center, center_d, _, scale, bias = channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr,
                                                       c, c_mask, C, eps, ACC, SHIFTED,
                                                       HAS_WEIGHT, HAS_BIAS)
@@ -215,12 +220,6 @@ def load_x_r(x_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xc, 
     return x, r, mask
 
 
-def _float32_pair(value: float) -> tuple:
-    """(hi, lo): hi the float32 nearest to value, lo the float32 nearest to value - hi."""
-    hi = struct.unpack("f", struct.pack("f", value))[0]
-    return hi, value - hi
-
-
 def batch_stats(x, running_mean, running_var, momentum: float, num_batches_tracked=None):
     """(mean, biased var) per channel of non-empty x, in the accumulate dtype: one launch.
 
@@ -247,7 +246,7 @@ def batch_stats(x, running_mean, running_var, momentum: float, num_batches_track
          dtype_of(num_batches_tracked), cumulative),
         (x, partial, counters, mean, var, running_mean if update else mean,
          running_var if update else var, num_batches_tracked if count_batch else mean),
-        _float32_pair(0.0 if momentum is None else float(momentum)),
+        float32_pair(0.0 if momentum is None else float(momentum)),
         lambda: Launch(plan.grid, (plan.n, C, plan.s, *plan.strides(x_ncs), plan.chunk_n,
                                    plan.chunk_s, plan.split_s, plan.splits, plan.group,
                                    x.numel() // C),
@@ -270,7 +269,7 @@ def normalize_act(x, mean, var, weight, bias, residual, eps: float, activation: 
          dtype_of(residual), activation),
         (x, x if residual is None else residual, y, mean, var,
          mean if weight is None else weight, mean if bias is None else bias),
-        (float(eps), float(activation_param)),
+        (*float32_pair(eps), *float32_pair(activation_param)),
         lambda: Launch(plan.grid, (plan.n, x.shape[1], plan.s, *plan.strides(x_ncs),
                                    *plan.strides(r_ncs), *plan.strides(y_ncs), plan.chunk_n,
                                    plan.chunk_s, plan.split_s),

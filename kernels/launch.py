@@ -31,6 +31,7 @@ Inductor then launches the kernel from its own generated code.
 """
 import contextlib
 import os
+import struct
 import threading
 import warnings
 from typing import NamedTuple
@@ -89,6 +90,14 @@ def _active(hook):
     """The launch hook to hand to the launcher, or None. Triton keeps an empty HookChain rather
     than None when no profiler is attached; passing None spares two calls per launch."""
     return None if hook is None or getattr(hook, "calls", None) == [] else hook
+
+
+def float32_pair(value: float) -> tuple:
+    """(hi, lo): hi the float32 nearest to value, lo the float32 nearest to value - hi.
+    Triton passes Python floats to a kernel as float32; a kernel computing in float64 adds
+    the two back (to within 2^-48 of value) with forward.joined."""
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    return hi, value - hi
 
 
 class Launch(NamedTuple):

@@ -145,17 +145,27 @@ def _plan(shape, all_ncs, element_size, sms):
 
 
 @triton.jit
-def program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S):
+def program_index(axis: tl.constexpr, REVERSE: tl.constexpr):
+    """tl.program_id(axis), or with REVERSE counted from the last program. GPUs start programs
+    roughly in index order, so a second pass over a tensor run in reverse begins with the tiles
+    the reduction pass before it read last, which L2 may still hold."""
+    if REVERSE:
+        return tl.num_programs(axis) - 1 - tl.program_id(axis)
+    return tl.program_id(axis)
+
+
+@triton.jit
+def program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S, REVERSE: tl.constexpr = False):
     """This program's row ranges [n_lo, n_hi) x [s_lo, s_hi)."""
-    split = tl.program_id(1)
+    split = program_index(1, REVERSE)
     n_lo = (split // SPLIT_S) * CHUNK_N
     s_lo = (split % SPLIT_S) * CHUNK_S
     return n_lo, tl.minimum(n_lo + CHUNK_N, N), s_lo, tl.minimum(s_lo + CHUNK_S, S)
 
 
 @triton.jit
-def program_channels(C, BLOCK_C: tl.constexpr):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+def program_channels(C, BLOCK_C: tl.constexpr, REVERSE: tl.constexpr = False):
+    c = program_index(0, REVERSE) * BLOCK_C + tl.arange(0, BLOCK_C)
     return c, c < C
 
 

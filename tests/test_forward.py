@@ -150,14 +150,24 @@ def test_activation_over_its_whole_range(case):
         assert not outside.any(), f"z = {grid[outside.flatten().cpu()][:5].tolist()}"
 
 
-def test_float64_is_exact_to_rounding():
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", [("sigmoid", {}), ("leaky_relu", {"negative_slope": 0.3}),
+                                  ("elu", {"alpha": 0.7})], ids=case_id)
+def test_float64_is_exact_to_rounding(case, training, backend):
+    """momentum, eps and the activation's parameter reach a kernel as two float32 halves each,
+    summed back in float64: none of them rounds to float32 (0.3 would be 1.2e-8 off, and an
+    eps of 1e-5 2.5e-13 off, which a variance of 1e-5 makes 6e-9 of the output). Only a GPU
+    tells: Triton's interpreter keeps a Python float argument exact."""
+    activation, kwargs = case
     x = make_input((4, 5, 6, 3), dtype=torch.float64, offset=3.0)
+    x[:, 0] = x[:, 0] * 3e-3 + 1.0  # a channel whose variance is about eps
     weight, bias, running_mean, running_var = make_params(5, torch.float64)
-    expected, rm64, rv64 = float64_bn_act(x, running_mean, running_var, weight, bias, True,
-                                          0.1, 1e-5, "sigmoid")
-    y = tritonbn.bn_act(x, running_mean, running_var, weight, bias, True, activation="sigmoid")
+    running_var[1] = 1e-5
+    expected, rm64, rv64 = float64_bn_act(x, running_mean, running_var, weight, bias, training,
+                                          0.1, 1e-5, activation, kwargs)
+    y = tritonbn.bn_act(x, running_mean, running_var, weight, bias, training,
+                        activation=activation, activation_kwargs=kwargs)
     assert max_err(y, expected) < ATOL[torch.float64]
-    # momentum reaches the kernel as two float32 halves, summed back in float64.
     assert max_err(running_mean, rm64) < 1e-12 and max_err(running_var, rv64) < 1e-12
 
 
