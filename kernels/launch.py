@@ -30,6 +30,7 @@ every launch goes through ``torch.library.wrap_triton`` instead: torch.compile r
 Inductor then launches the kernel from its own generated code.
 """
 import contextlib
+import functools
 import os
 import struct
 import threading
@@ -67,7 +68,11 @@ LAUNCH_DIRECTLY = direct_launches(os.environ.get("TRITONBN_DIRECT_LAUNCH", ""),
 MAX_CACHED = 4096
 
 
-_tracing = threading.local()
+class _Tracing(threading.local):
+    on = False  # a class default: reading it costs no getattr fallback per launch
+
+
+_tracing = _Tracing()
 
 
 @contextlib.contextmanager
@@ -83,7 +88,7 @@ def traced_launches():
 
 
 def launches_traced() -> bool:
-    return getattr(_tracing, "on", False)
+    return _tracing.on
 
 
 def _active(hook):
@@ -92,6 +97,7 @@ def _active(hook):
     return None if hook is None or getattr(hook, "calls", None) == [] else hook
 
 
+@functools.lru_cache(maxsize=256)  # eps, momentum and slopes repeat from call to call
 def float32_pair(value: float) -> tuple:
     """(hi, lo): hi the float32 nearest to value, lo the float32 nearest to value - hi.
     Triton passes Python floats to a kernel as float32; a kernel computing in float64 adds
