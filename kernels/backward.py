@@ -34,7 +34,7 @@ def _load_x_dy_r(x_ptr, dy_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn,
                  stride_xs, stride_dyn, stride_dyc, stride_dys, stride_rn, stride_rc, stride_rs,
                  HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
                  INT64: tl.constexpr):
-    """(x, dy, residual or None, mask) of the tile at (n0, s0)."""
+    """(x, dy, residual, mask) of the tile at (n0, s0); without a residual x stands in."""
     x, r, mask = load_x_r(x_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xc,
                           stride_xs, stride_rn, stride_rc, stride_rs, HAS_RESIDUAL, BLOCK_N,
                           BLOCK_S, INT64)

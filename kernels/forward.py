@@ -184,9 +184,10 @@ def _normalize_kernel(
     c, c_mask = program_channels(C, BLOCK_C, REVERSE=True)
     n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S, REVERSE=True)
     eps, act_param = joined(eps_hi, eps_lo, ACC), joined(act_param_hi, act_param_lo, ACC)
-    center, center_d, _, scale, bias = channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr,
-                                                      c, c_mask, C, eps, ACC, SHIFTED,
-                                                      HAS_WEIGHT, HAS_BIAS)
+    # A name of its own for the unused rstd: the loop below reassigns `_` with another shape.
+    center, center_d, _rstd, scale, bias = channel_affine(mean_ptr, var_ptr, weight_ptr,
+                                                          bias_ptr, c, c_mask, C, eps, ACC,
+                                                          SHIFTED, HAS_WEIGHT, HAS_BIAS)
     # Both tiles are loaded ahead of both stores, which the compiler may not reorder.
     for n0 in range(n_lo, n_hi, BLOCK_N + PAIR_N):
         for s0 in range(s_lo, s_hi, BLOCK_S + PAIR_S):
@@ -210,10 +211,10 @@ def _normalize_kernel(
 def load_x_r(x_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xc, stride_xs,
               stride_rn, stride_rc, stride_rs, HAS_RESIDUAL: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
-    """(x, residual or None, mask) of the tile at (n0, s0)."""
+    """(x, residual, mask) of the tile at (n0, s0); without a residual x stands in for it."""
     x, mask = load_tile(x_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xc, stride_xs,
                         BLOCK_N, BLOCK_S, INT64)
-    r = None
+    r = x  # unread without a residual: a placeholder the compiler can type (None it cannot)
     if HAS_RESIDUAL:
         r, _ = load_tile(r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_rn, stride_rc, stride_rs,
                          BLOCK_N, BLOCK_S, INT64)
