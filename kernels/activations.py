@@ -8,12 +8,18 @@ activation's gradient before BatchNorm's backward reads it: the callers round z 
 the input dtype at the same places, so float16/bfloat16 results round as eager's do.
 
 Only tl.math runs under the interpreter, so tanh, log1p and expm1 are built from exp and log
-here, accurate to a few ulps (libdevice's versions are not available there).
+here, accurate to a few ulps (libdevice's versions are not available there). On a GPU two
+tl.math operations are approximate where eager's are not: float32 tl.exp compiles to
+ex2.approx (about 2 + 1.2 |z| ulps off, against expf's 1) and `/` to div.full (2 ulps, against
+IEEE division). So exp is libdevice's there (_exp), and divisions go through div_rn.
 """
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from tritonbn import activations as codes
+
+from .launch import INTERPRETING
 
 IDENTITY = tl.constexpr(codes.IDENTITY)
 RELU = tl.constexpr(codes.RELU)
@@ -34,14 +40,34 @@ SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
 GELU_KAPPA = tl.constexpr(0.044715)
+LIBDEVICE_EXP = tl.constexpr(not INTERPRETING)  # the interpreter has no libdevice
 # PyTorch's hardsigmoid backward multiplies by 1/6 rounded to float32, in every dtype (its
 # CPU forward divides by 6, its CUDA forward multiplies by this: the forward here divides).
 ONE_SIXTH = tl.constexpr(0.1666666716337204)
 
 
 @triton.jit
+def div_rn(a, b):
+    """a / b correctly rounded, as IEEE division (and eager) gives it. A GPU compiles float32
+    `/` to the approximate div.full; float64 `/` is already div.rn, which tl.math.div_rn does
+    not take."""
+    q = a / b
+    if q.dtype == tl.float32:
+        q = tl.math.div_rn(a, b)
+    return q
+
+
+@triton.jit
+def _exp(z):
+    if LIBDEVICE_EXP:
+        return libdevice.exp(z)
+    else:
+        return tl.exp(z)
+
+
+@triton.jit
 def _sigmoid(z):
-    return 1.0 / (1.0 + tl.exp(-z))
+    return div_rn(1.0, 1.0 + _exp(-z))
 
 
 @triton.jit
@@ -49,7 +75,7 @@ def _log1p(u):
     """log(1 + u), accurate for tiny u: the rounding of 1 + u cancels in the ratio."""
     w = 1.0 + u
     exact = w == 1.0
-    return tl.where(exact, u, tl.log(w) * (u / tl.where(exact, 1.0, w - 1.0)))
+    return tl.where(exact, u, tl.log(w) * div_rn(u, tl.where(exact, 1.0, w - 1.0)))
 
 
 @triton.jit
@@ -57,9 +83,9 @@ def _expm1(z):
     """exp(z) - 1, accurate near 0 for the same reason as _log1p. Away from 0 the plain
     difference is exact enough, and the ratio would not be: log of a subnormal exp(z) is off
     by percents."""
-    u = tl.exp(z)
+    u = _exp(z)
     near_zero = (u > 0.5) & (u < 2.0)
-    ratio = (u - 1.0) * (z / tl.log(tl.where(near_zero & (u != 1.0), u, 2.0)))
+    ratio = (u - 1.0) * div_rn(z, tl.log(tl.where(near_zero & (u != 1.0), u, 2.0)))
     return tl.where(near_zero, tl.where(u == 1.0, z, ratio), u - 1.0)
 
 
@@ -69,7 +95,8 @@ def _tanh(z):
     0.5 (where the first loses two ulps), with z's sign."""
     a = tl.abs(z)
     m = _expm1(-2.0 * a)
-    t = tl.where(a < 0.5, -m / (2.0 + m), 1.0 - 2.0 / (1.0 + tl.exp(2.0 * a)))
+    t = tl.where(a < 0.5, div_rn(-m, 2.0 + m),
+                 1.0 - div_rn(2.0, 1.0 + _exp(2.0 * a)))
     return tl.where(z < 0, -t, t)
 
 
@@ -77,14 +104,14 @@ def _tanh(z):
 def _sech2(z):
     """1 - tanh(z)^2 = 4 e / (1 + e)^2 with e = exp(-2|z|): 1 - t*t would cancel where |t|
     nears 1."""
-    e = tl.exp(-2.0 * tl.abs(z))
-    return 4.0 * e / ((1.0 + e) * (1.0 + e))
+    e = _exp(-2.0 * tl.abs(z))
+    return div_rn(4.0 * e, (1.0 + e) * (1.0 + e))
 
 
 @triton.jit
 def _softplus(z):
     """log(1 + exp(z)) without overflow or cancellation."""
-    return tl.maximum(z, 0.0) + _log1p(tl.exp(-tl.abs(z)))
+    return tl.maximum(z, 0.0) + _log1p(_exp(-tl.abs(z)))
 
 
 @triton.jit
@@ -115,9 +142,9 @@ def activation(z, param, ACTIVATION: tl.constexpr):
     elif ACTIVATION == SILU:
         return z * _sigmoid(z)
     elif ACTIVATION == HARDSWISH:
-        return z * _clip6(z + 3.0) / 6.0
+        return div_rn(z * _clip6(z + 3.0), 6.0)
     elif ACTIVATION == HARDSIGMOID:
-        return _clip6(z + 3.0) / 6.0
+        return div_rn(_clip6(z + 3.0), 6.0)
     elif ACTIVATION == GELU:
         return 0.5 * z * (1.0 + tl.math.erf(z * SQRT1_2))
     elif ACTIVATION == GELU_TANH:
@@ -146,17 +173,18 @@ def activation_grad(z, dy, param, OUT_DTYPE: tl.constexpr, ACTIVATION: tl.conste
     elif ACTIVATION == LEAKY_RELU:
         return tl.where(z > 0, dy, dy * param)
     elif ACTIVATION == ELU:
-        return tl.where(z <= 0, dy * param * tl.exp(z), dy)
+        return tl.where(z <= 0, dy * param * _exp(z), dy)
     elif ACTIVATION == SILU:
         s = _sigmoid(z)
         return dy * s * (1.0 + z * (1.0 - s))
     elif ACTIVATION == HARDSWISH:
-        return tl.where(z <= -3.0, 0.0, tl.where(z < 3.0, dy * (z / 3.0 + 0.5), dy))
+        return tl.where(z <= -3.0, 0.0,
+                        tl.where(z < 3.0, dy * (div_rn(z, 3.0) + 0.5), dy))
     elif ACTIVATION == HARDSIGMOID:
         return tl.where((z > -3.0) & (z < 3.0), dy * ONE_SIXTH, 0.0)
     elif ACTIVATION == GELU:
         cdf = 0.5 * (1.0 + tl.math.erf(z * SQRT1_2))
-        pdf = tl.exp(-0.5 * z * z) * INV_SQRT_2PI
+        pdf = _exp(-0.5 * z * z) * INV_SQRT_2PI
         return dy * (cdf + z * pdf)
     elif ACTIVATION == GELU_TANH:
         u = _gelu_tanh_inner(z)

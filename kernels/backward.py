@@ -21,7 +21,7 @@ from tritonbn.activations import IDENTITY
 from tritonbn.dtypes import accumulate_dtype
 from tritonbn.layout import strides_ncs
 
-from .activations import activation_grad
+from .activations import activation_grad, div_rn
 from .forward import channel_affine, dtype_of, joined, load_x_r, pre_activation, triton_dtype
 from .launch import CachedLaunch, Launch, float32_pair
 from .merge import merge_partials, workspace
@@ -160,8 +160,9 @@ def _dx_kernel(
     n = count.to(ACC)
     # dx = scale * (g - sum(g) / n - xhat * sum(g * xhat) / n), with xhat = (x - mean) * rstd
     totals = totals_ptr + TOTALS_OFFSET + c
-    mean_g = (tl.load(totals, mask=c_mask, other=0.0) / n)[None, None, :]
-    k = rstd * (tl.load(totals + TOTALS_STRIDE, mask=c_mask, other=0.0) / n)[None, None, :]
+    mean_g = div_rn(tl.load(totals, mask=c_mask, other=0.0), n)[None, None, :]
+    k = rstd * div_rn(tl.load(totals + TOTALS_STRIDE, mask=c_mask, other=0.0),
+                              n)[None, None, :]
     for n0 in range(n_lo, n_hi, BLOCK_N + PAIR_N):
         for s0 in range(s_lo, s_hi, BLOCK_S + PAIR_S):
             x, dy, r, mask = _load_x_dy_r(x_ptr, dy_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask,

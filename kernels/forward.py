@@ -27,7 +27,7 @@ import triton.language as tl
 from tritonbn.dtypes import accumulate_dtype
 from tritonbn.layout import strides_ncs
 
-from .activations import activation
+from .activations import activation, div_rn
 from .launch import CachedLaunch, Launch, float32_pair
 from .merge import arrive_last_block, merge_partials, workspace
 from .tiling import (channel_sum, load_tile, make_plan, program_channels, program_rows,
@@ -77,8 +77,8 @@ def _batch_stats_kernel(
                                          BLOCK_ROWS, BLOCK_C)
     if done:  # one program per channel block: the statistics of its channels
         n = count.to(ACC)
-        mean_d = sum_d / n
-        var = tl.maximum(sum_d2 / n - mean_d * mean_d, 0.0)
+        mean_d = div_rn(sum_d, n)
+        var = tl.maximum(div_rn(sum_d2, n) - mean_d * mean_d, 0.0)
         tl.store(mean_ptr + c, shift, mask=c_mask)
         tl.store(mean_ptr + C + c, mean_d, mask=c_mask)
         tl.store(var_ptr + c, var, mask=c_mask)
@@ -92,7 +92,7 @@ def _batch_stats_kernel(
             running_mean = tl.load(running_mean_ptr + c, mask=c_mask).to(ACC)
             running_var = tl.load(running_var_ptr + c, mask=c_mask).to(ACC)
             new_mean = m * (shift + mean_d) + (1 - m) * running_mean
-            new_var = m * (var * n / (n - 1)) + (1 - m) * running_var
+            new_var = m * div_rn(var * n, n - 1) + (1 - m) * running_var
             tl.store(running_mean_ptr + c, new_mean.to(running_mean_ptr.dtype.element_ty),
                      mask=c_mask)
             tl.store(running_var_ptr + c, new_var.to(running_var_ptr.dtype.element_ty),
@@ -122,9 +122,9 @@ def joined(hi, lo, ACC: tl.constexpr):
 def reciprocal_std(var, eps):
     """1 / sqrt(var + eps), correctly rounded like PyTorch's (rsqrt is off by an ulp or two)."""
     if var.dtype == tl.float64:
-        return 1.0 / tl.sqrt(var + eps)  # float64 sqrt is already correctly rounded
+        return 1.0 / tl.sqrt(var + eps)  # float64 sqrt and division are correctly rounded
     else:
-        return 1.0 / tl.sqrt_rn(var + eps)
+        return div_rn(1.0, tl.sqrt_rn(var + eps))
 
 
 @triton.jit
