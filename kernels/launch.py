@@ -31,6 +31,7 @@ Inductor then launches the kernel from its own generated code.
 """
 import contextlib
 import functools
+import math
 import os
 import struct
 import threading
@@ -103,7 +104,7 @@ def float32_pair(value: float) -> tuple:
     Triton passes Python floats to a kernel as float32; a kernel computing in float64 adds
     the two back (to within 2^-48 of value) with forward.joined."""
     hi = struct.unpack("f", struct.pack("f", value))[0]
-    return hi, value - hi
+    return hi, value - hi if math.isfinite(hi) else 0.0  # inf - inf would be NaN
 
 
 class Launch(NamedTuple):
@@ -113,6 +114,9 @@ class Launch(NamedTuple):
     grid: tuple
     ints: tuple
     constexprs: dict
+
+
+LAUNCHERS = []  # every CachedLaunch, in the order the kernel modules define them
 
 
 class DirectLaunchFallbackWarning(RuntimeWarning):
@@ -127,6 +131,7 @@ class CachedLaunch:
 
     def __init__(self, jit_fn):
         self.jit_fn = jit_fn
+        LAUNCHERS.append(self)
         self._compiled = {}  # (device, cache_key) -> (kernel, grid, ints, constexpr values)
         self._fell_back = False  # a direct launch raised: nothing is cached any more
 
