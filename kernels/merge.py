@@ -116,6 +116,9 @@ def counters_needed(channel_blocks: int, splits: int, group: int) -> int:
 
 
 _buffers = {}  # (device, stream, dtype) -> the stream's counters (int32) or partials
+# Buffers a larger one replaced. A CUDA graph captured with a buffer keeps writing to it at
+# every replay, so it is never freed: growth doubles, so these add up to less than the last.
+_replaced = []
 
 
 def workspace(device: torch.device, counters: int, partials: int, dtype: torch.dtype):
@@ -135,8 +138,9 @@ def _stream_buffer(device, stream, dtype, size: int) -> torch.Tensor:
     key = (device, stream, dtype)
     buffer = _buffers.get(key)
     if buffer is None or buffer.numel() < size:
-        # Launches queued on this stream may still use the old buffer: the caching allocator
-        # hands its memory out again only to work queued after them on the same stream.
-        buffer = torch.zeros(max(size, 1024), dtype=dtype, device=device)
+        if buffer is not None:
+            _replaced.append(buffer)
+        grown = max(size, 1024, 2 * (0 if buffer is None else buffer.numel()))
+        buffer = torch.zeros(grown, dtype=dtype, device=device)
         _buffers[key] = buffer
     return buffer

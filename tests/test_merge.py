@@ -91,6 +91,17 @@ def test_two_level_merge_with_a_ragged_last_group(monkeypatch, sms):
         tiling._plan.cache_clear()
 
 
+def test_a_grown_workspace_keeps_the_buffers_it_replaced():
+    """A CUDA graph captured with a scratch buffer writes to it at every replay: growing the
+    workspace for a larger shape must not free it, and growth doubles so that few pile up."""
+    counters, partials = merge.workspace(DEVICE, 10, 3000, torch.float64)
+    grown_counters, grown_partials = merge.workspace(DEVICE, 10, partials.numel() + 1,
+                                                     torch.float64)
+    assert grown_counters is counters  # big enough already
+    assert grown_partials.numel() == 2 * partials.numel()
+    assert any(buffer is partials for buffer in merge._replaced)
+
+
 def test_cumulative_momentum_counts_on_the_device():
     """momentum=None: the count and 1 / count both live on the device, over several steps."""
     ours = tritonbn.BatchNormAct2d(4, momentum=None, device=DEVICE)
