@@ -56,7 +56,8 @@ def _batch_stats_kernel(
     n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
     first, _ = load_tile(x_ptr, 0, 0, c, N, S, c_mask, stride_n, stride_c, stride_s, BLOCK_N,
                          BLOCK_S, INT64)
-    shift = channel_sum(first.to(ACC)) / (tl.minimum(N, BLOCK_N) * tl.minimum(S, BLOCK_S))
+    first_count = (tl.minimum(N, BLOCK_N) * tl.minimum(S, BLOCK_S)).to(ACC)
+    shift = div_rn(channel_sum(first.to(ACC)), first_count)
     acc_d = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
     acc_d2 = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
     for n0 in range(n_lo, n_hi, BLOCK_N + PAIR_N):

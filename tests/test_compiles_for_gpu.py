@@ -5,7 +5,9 @@ still fail to compile (a None where the compiler wants a typed value, a loop-car
 that changes shape). This test drives the real launchers on CPU tensors in a subprocess
 without the interpreter, replaces each launch with triton.compile(...) for sm_90 on the
 signature and constexprs that launch would have used, and compiles each variant once, down
-to PTX and cubin with the ptxas bundled in Triton's wheel. No GPU is needed.
+to PTX and cubin with the ptxas bundled in Triton's wheel. No GPU is needed. The PTX must hold
+none of the approximate float32 instructions `/` and tl.exp would give (div.full, ex2.approx
+without libdevice's ftz form): the kernels divide and exponentiate as eager does.
 """
 import os
 import subprocess
@@ -16,6 +18,7 @@ import torch
 
 SCRIPT = r'''
 import itertools
+import re
 
 import torch
 import triton
@@ -28,6 +31,7 @@ from tritonbn.kernels import launch
 
 POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
                  torch.float64: "*fp64", torch.int32: "*i32", torch.int64: "*i64"}
+APPROXIMATE = re.compile(r"\bdiv\.full\.f32|\bex2\.approx\.f32")
 compiled = set()
 
 
@@ -50,8 +54,10 @@ def compile_for_sm90(self, bound, tensors, floats):
     key = (self.jit_fn.__name__, tuple(signature.items()),
            tuple((name, str(value)) for name, value in constexprs.items()))
     if key not in compiled:
-        triton.compile(ASTSource(self.jit_fn, signature, constexprs),
-                       target=GPUTarget("cuda", 90, 32), options=options)
+        kernel = triton.compile(ASTSource(self.jit_fn, signature, constexprs),
+                                target=GPUTarget("cuda", 90, 32), options=options)
+        approximate = set(APPROXIMATE.findall(kernel.asm["ptx"]))
+        assert not approximate, (self.jit_fn.__name__, constexprs, approximate)
         compiled.add(key)
 
 
