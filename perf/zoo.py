@@ -12,8 +12,9 @@ float32 and in float64: their outputs, input and parameter gradients and running
 - ratio_fp32: the largest, over all those tensors, of the converted float32 model's error
   against the unconverted float64 model, divided by eager float32's own error (floored at one
   float32 rounding of the largest value of the tensor and of its module's other gradients: a
-  gradient that cancels to zero still carries the roundings of its terms). A pre-activation within rounding of a kink
-  (ReLU's 0) can land on either side in float32, and the gradient it routes then differs by
+  gradient that cancels to zero still carries the roundings of its terms). A pre-activation
+  within rounding of a kink (ReLU's 0) can land on either side in float32, and the gradient it
+  routes then differs by
   that element's whole gradient: a value above 2 says such a flip happened, where eager's own
   run had none.
 - ratio_fp64: the same for the converted model run in float64, where no value lands that close
