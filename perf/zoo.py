@@ -14,9 +14,8 @@ float32 and in float64: their outputs, input and parameter gradients and running
   float32 rounding of the largest value of the tensor and of its module's other gradients: a
   gradient that cancels to zero still carries the roundings of its terms). A pre-activation
   within rounding of a kink (ReLU's 0) can land on either side in float32, and the gradient it
-  routes then differs by
-  that element's whole gradient: a value above 2 says such a flip happened, where eager's own
-  run had none.
+  routes then differs by that element's whole gradient: a value above 2 says such a flip
+  happened, where eager's own run had none.
 - ratio_fp64: the same for the converted model run in float64, where no value lands that close
   to a kink: the check that the conversion computes the same function. At most 2 passes.
 
