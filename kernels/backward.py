@@ -75,10 +75,10 @@ def _grad_reduce_kernel(
 ):
     c, c_mask = program_channels(C, BLOCK_C)
     n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
-    eps, act_param = joined(eps_hi, eps_lo, ACC), joined(act_param_hi, act_param_lo, ACC)
+    act_param = joined(act_param_hi, act_param_lo, ACC)
     center, center_d, rstd, scale, bias = channel_affine(mean_ptr, var_ptr, weight_ptr,
-                                                         bias_ptr, c, c_mask, C, eps, ACC,
-                                                         SHIFTED, HAS_WEIGHT, HAS_BIAS)
+                                                         bias_ptr, c, c_mask, C, eps_hi, eps_lo,
+                                                         ACC, SHIFTED, HAS_WEIGHT, HAS_BIAS)
     acc_g = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
     acc_gx = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
     # Masked lanes load dy = 0, so g = 0 there for every activation: no tl.where needed.
@@ -153,10 +153,10 @@ def _dx_kernel(
     # In reverse: see program_index.
     c, c_mask = program_channels(C, BLOCK_C, REVERSE=True)
     n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S, REVERSE=True)
-    eps, act_param = joined(eps_hi, eps_lo, ACC), joined(act_param_hi, act_param_lo, ACC)
+    act_param = joined(act_param_hi, act_param_lo, ACC)
     center, center_d, rstd, scale, bias = channel_affine(mean_ptr, var_ptr, weight_ptr,
-                                                         bias_ptr, c, c_mask, C, eps, ACC,
-                                                         SHIFTED, HAS_WEIGHT, HAS_BIAS)
+                                                         bias_ptr, c, c_mask, C, eps_hi, eps_lo,
+                                                         ACC, SHIFTED, HAS_WEIGHT, HAS_BIAS)
     n = count.to(ACC)
     # dx = scale * (g - sum(g) / n - xhat * sum(g * xhat) / n), with xhat = (x - mean) * rstd
     totals = totals_ptr + TOTALS_OFFSET + c

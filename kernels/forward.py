@@ -129,11 +129,12 @@ def reciprocal_std(var, eps):
 
 
 @triton.jit
-def channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, c, c_mask, C, eps,
+def channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, c, c_mask, C, eps_hi, eps_lo,
                    ACC: tl.constexpr, SHIFTED: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                    HAS_BIAS: tl.constexpr):
     """Per-channel (center, center_d, rstd, scale, bias), each [1, 1, BLOCK_C], such that
-    x - mean = (x - center) - center_d and z = (x - mean) * scale + bias.
+    x - mean = (x - center) - center_d and z = (x - mean) * scale + bias; eps comes as its
+    launch.float32_pair.
 
     SHIFTED: mean_ptr holds [2, C], a shift and the mean minus it (batch_stats' output), and
     x is centred on the shift first: x - shift is exact for x near the mean, so |mean| >> std
@@ -143,7 +144,7 @@ def channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, c, c_mask, C, eps,
     if SHIFTED:
         center_d = tl.load(mean_ptr + C + c, mask=c_mask, other=0.0).to(ACC)
     var = tl.load(var_ptr + c, mask=c_mask, other=1.0).to(ACC)
-    rstd = reciprocal_std(var, eps)
+    rstd = reciprocal_std(var, joined(eps_hi, eps_lo, ACC))
     scale = rstd
     if HAS_WEIGHT:
         scale = scale * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
@@ -184,11 +185,12 @@ def _normalize_kernel(
     # In reverse: see program_index.
     c, c_mask = program_channels(C, BLOCK_C, REVERSE=True)
     n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S, REVERSE=True)
-    eps, act_param = joined(eps_hi, eps_lo, ACC), joined(act_param_hi, act_param_lo, ACC)
+    act_param = joined(act_param_hi, act_param_lo, ACC)
     # A name of its own for the unused rstd: the loop below reassigns `_` with another shape.
     center, center_d, _rstd, scale, bias = channel_affine(mean_ptr, var_ptr, weight_ptr,
-                                                          bias_ptr, c, c_mask, C, eps, ACC,
-                                                          SHIFTED, HAS_WEIGHT, HAS_BIAS)
+                                                          bias_ptr, c, c_mask, C, eps_hi,
+                                                          eps_lo, ACC, SHIFTED, HAS_WEIGHT,
+                                                          HAS_BIAS)
     # Both tiles are loaded ahead of both stores, which the compiler may not reorder.
     for n0 in range(n_lo, n_hi, BLOCK_N + PAIR_N):
         for s0 in range(s_lo, s_hi, BLOCK_S + PAIR_S):

@@ -104,7 +104,7 @@ def float32_pair(value: float) -> tuple:
     Triton passes Python floats to a kernel as float32; a kernel computing in float64 adds
     the two back (to within 2^-48 of value) with forward.joined."""
     hi = struct.unpack("f", struct.pack("f", value))[0]
-    return hi, value - hi if math.isfinite(hi) else 0.0  # inf - inf would be NaN
+    return hi, (value - hi if math.isfinite(hi) else 0.0)  # inf - inf would be NaN
 
 
 class Launch(NamedTuple):
