@@ -24,12 +24,12 @@ model, so that all compute the same function; the conversion sees them as they a
 
 The BatchNorms run where tritonbn runs them: the Triton kernels on a GPU, through Triton's
 interpreter on CPU tensors when TRITON_INTERPRET=1 is set (slow: minutes per model), PyTorch's
-reference otherwise (the backend column says which). Writes a CSV (one row per model and mode)
-and prints a markdown table. A model whose package (torchvision, timm) cannot be imported is
-skipped with a message.
+reference otherwise (the backend column says which). Writes a CSV (one row per model and mode;
+perf/results/zoo.csv on a GPU, perf/zoo_cpu.csv without one, since perf/results/ holds GPU
+runs only) and prints a markdown table. A model whose package (torchvision, timm) cannot be
+imported is skipped with a message.
 
     python perf/zoo.py --counts-only
-    python perf/zoo.py --out perf/results/zoo.csv
     TRITON_INTERPRET=1 python perf/zoo.py --models timm/regnety_008 --append
     python perf/zoo.py --models torchvision/resnet18,timm/efficientnet_b0 --image-size 32
 """
@@ -59,7 +59,8 @@ COUNT_COLUMNS = ["model", "batchnorms", "fused", "with_activation", "with_residu
                  "left_alone"]
 CHECK_COLUMNS = ["mode", "out_diff", "grad_diff", "stats_diff", "ratio_fp32", "ratio_fp64"]
 RUN_COLUMNS = ["image_size", "batch", "backend", "device", "seconds", "torch", "triton", "date"]
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "zoo.csv"
+DEFAULT_OUT = Path(__file__).resolve().parent / (
+    "results/zoo.csv" if torch.cuda.is_available() else "zoo_cpu.csv")
 
 
 def build(model_name: str) -> nn.Module:
