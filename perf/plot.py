@@ -6,7 +6,9 @@ measured it, on GPU time (gpu_ms), and <name>-copy-bw.png, tritonbn's
 bandwidth on the 8-pass model as a % of the copy bandwidth, per shape and mode; bars grouped
 by dtype and layout, relu rows only. Then prints a markdown table for the README.
 
-Only pandas and matplotlib: it runs wherever the CSV is, GPU or not.
+Only pandas and matplotlib: it runs wherever the CSV is, GPU or not. Rows from Triton's
+interpreter (a sweep without a GPU) get the table without speedups or bandwidth, and no plots:
+their times measure the interpreter, not the kernels.
 """
 import argparse
 from pathlib import Path
@@ -46,14 +48,15 @@ def has_gpu_times(df: pd.DataFrame) -> bool:
 
 def p50_by_provider(df: pd.DataFrame) -> pd.DataFrame:
     """One row per case (in sweep order), one p50 column per provider, then tritonbn's speedup
-    over the best peer on wall time and on GPU time, its % of copy bandwidth and its max
-    errors."""
+    over the best peer on wall time and on GPU time (GPU rows only), its % of copy bandwidth and
+    its max errors."""
     df = with_residual_column(df)
     order = pd.MultiIndex.from_frame(df[CASE].drop_duplicates())
     table = df.set_index(CASE + ["provider"])["ms_p50"].unstack("provider")
     table = table.reindex(index=order, columns=[p for p in PROVIDERS if p in table.columns])
     tritonbn = df[df.provider == "tritonbn"].set_index(CASE).reindex(order)
-    table["speedup_vs_best_peer"] = speedup_vs_best_peer(df, order, "ms_p50")
+    if not df.interpreter.any():
+        table["speedup_vs_best_peer"] = speedup_vs_best_peer(df, order, "ms_p50")
     if has_gpu_times(df):
         table["gpu_speedup_vs_best_peer"] = speedup_vs_best_peer(df, order, "gpu_ms")
     table["pct_copy_bw"] = tritonbn["pct_copy_bw"]
@@ -63,10 +66,11 @@ def p50_by_provider(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary_table(df: pd.DataFrame, modes=None) -> str:
-    """The markdown table of p50_by_provider, for the given modes (all by default)."""
+    """The markdown table of p50_by_provider, for the given modes (all by default), less the
+    columns without a value."""
     if modes is not None:
         df = df[df["mode"].isin(modes)]
-    table = p50_by_provider(df).reset_index()
+    table = p50_by_provider(df).reset_index().dropna(axis="columns", how="all")
     formats = {**{p: "{:.3f}" for p in PROVIDERS}, "speedup_vs_best_peer": "{:.2f}x",
                "gpu_speedup_vs_best_peer": "{:.2f}x",
                "pct_copy_bw": "{:.0f}%", "max_abs_err": "{:.1e}", "max_abs_err_dx": "{:.1e}"}
@@ -147,12 +151,15 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     df = pd.read_csv(args.csv)
     stem = args.csv.with_suffix("")
-    for suffix, plot in (("-speedup.png", plot_speedup), ("-copy-bw.png", plot_copy_bandwidth)):
-        path = stem.with_name(stem.name + suffix)
-        plot(df, path)
-        print(f"wrote {path}")
     if df.interpreter.any():
-        print("INTERPRETER NUMBERS: these rows ran through Triton's interpreter on the CPU")
+        print("INTERPRETER NUMBERS: these rows ran through Triton's interpreter on the CPU; "
+              "no plots")
+    else:
+        for suffix, plot in (("-speedup.png", plot_speedup),
+                             ("-copy-bw.png", plot_copy_bandwidth)):
+            path = stem.with_name(stem.name + suffix)
+            plot(df, path)
+            print(f"wrote {path}")
     print(summary_table(df.query(args.query) if args.query else df, args.modes.split(",")))
 
 

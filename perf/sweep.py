@@ -32,14 +32,26 @@ Trade-offs, to keep the full sweep to minutes on a GPU:
   host_us) do not grow with the cases run before. fullgraph=True turns a graph break or a
   fallback to eager into an error rather than an eager time filed under a compile provider.
 - A case that fails records its error in its rows and the sweep goes on.
+- The CSV is rewritten after every case, so a sweep cut short keeps the cases it ran; a
+  sweep never overwrites a file that holds more rows than it has (perf/results_csv.py).
 - Without a GPU the kernels run on the CPU through Triton's interpreter, on tiny shapes, timed
-  with perf_counter, bfloat16 left out (the interpreter has no bfloat16 arithmetic) and the
-  compile providers too unless named (Inductor builds C++ for seconds per graph). Such rows say
-  interpreter=True: they check the script and the kernels' results, not their speed.
+  with perf_counter after warm-up calls, PyTorch on one thread (on tiny tensors more threads
+  only wait for each other: eager's first calls took 20-90 ms against 0.2 ms later with two
+  threads on a busy 2-core machine), bfloat16 left out (the interpreter has no bfloat16
+  arithmetic) and the compile providers too unless named (Inductor builds C++ for seconds per
+  graph). Such rows say interpreter=True: they check the script and the kernels' results,
+  not their speed, so they carry no copy bandwidth, GB/s or speedups.
+
+Presets: the full sweep (default), --quick (four shapes), --headline (the ResNet-50 BatchNorm
+shapes at batch 128, BN + ReLU with residual rows on each bottleneck's last BatchNorm shapes,
+bf16 channels_last and fp32 contiguous, train_fwdbwd and eval_fwd, tritonbn against eager and
+torch.compile: what perf/gpu_check.sh runs). --environment prints the device, the versions
+and the copy bandwidth, and exits.
 """
 import argparse
 import os
 import re
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -60,6 +72,7 @@ if not ON_GPU:
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 from plot import summary_table  # noqa: E402
+from results_csv import ResultsCsv  # noqa: E402
 
 import tritonbn  # noqa: E402
 
@@ -89,12 +102,17 @@ TRITONBN_MODULES = {2: tritonbn.BatchNormAct1d, 4: tritonbn.BatchNormAct2d,
 
 RESNET50_CHW = ((64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 28, 28), (512, 28, 28),
                 (256, 14, 14), (1024, 14, 14), (512, 7, 7), (2048, 7, 7))
+# Each bottleneck's last BatchNorm, followed by the residual add and the ReLU.
+RESNET50_RESIDUAL_CHW = ((256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7))
 BATCHNORM1D_SHAPES = ((8192, 1024), (65536, 256), (256, 4096))
 HOST_SHAPES = {(32, 64, 56, 56), *BATCHNORM1D_SHAPES}
 TINY_SHAPES = ((2, 3, 4, 4), (8, 5), (2, 3, 2, 4, 4))
 # Wall time per host-overhead burst stays below the launch queue's depth (about a thousand).
 HOST_CALLS = 50
 CPU_REPEATS = 5
+# Warm-up on the CPU: calls until CPU_STABLE_CALLS in a row each take at most CPU_STABLE_RATIO
+# times the fastest of them, CPU_WARMUP_MAX calls at most.
+CPU_STABLE_CALLS, CPU_STABLE_RATIO, CPU_WARMUP_MAX = 2, 1.5, 50
 COPY_BYTES = 1 << 30 if ON_GPU else 1 << 26
 
 
@@ -102,7 +120,12 @@ COPY_BYTES = 1 << 30 if ON_GPU else 1 << 26
 class Preset:
     shapes: tuple
     formats: tuple  # (dtype, layout) pairs
-    activation_shapes: tuple  # shapes also run with every activation, in the first format
+    # shapes also run with every activation and with a residual, in the first format
+    activation_shapes: tuple
+    residual_shapes: tuple = ()  # shapes also run with a residual, in every format
+    modes: tuple = MODES
+    activations: tuple = ACTIVATIONS
+    providers: tuple = PROVIDERS
 
 
 FULL = Preset(
@@ -115,6 +138,13 @@ QUICK = Preset(
     shapes=((128, 256, 56, 56), (128, 1024, 14, 14), (32, 64, 56, 56), (8192, 1024)),
     formats=(("bf16", "channels_last"), ("fp32", "contiguous")),
     activation_shapes=())
+HEADLINE = Preset(
+    shapes=tuple((128, *chw) for chw in RESNET50_CHW),
+    formats=(("bf16", "channels_last"), ("fp32", "contiguous")),
+    activation_shapes=(),
+    residual_shapes=tuple((128, *chw) for chw in RESNET50_RESIDUAL_CHW),
+    modes=("train_fwdbwd", "eval_fwd"), activations=("relu",),
+    providers=("tritonbn", "eager", "compile"))
 
 
 @dataclass(frozen=True)
@@ -143,11 +173,13 @@ def shape_selected(index: int, shape: tuple, tokens: list[str]) -> bool:
     return any(token == str(index) if token.isdigit() else token in label for token in tokens)
 
 
-def plan_cases(args) -> list[Case]:
-    preset = QUICK if args.quick else FULL
-    shapes, activation_shapes = preset.shapes, preset.activation_shapes
-    if args.tiny or not ON_GPU:
-        shapes, activation_shapes = TINY_SHAPES, TINY_SHAPES[:1]
+def plan_cases(args, preset: Preset) -> list[Case]:
+    shapes = preset.shapes
+    activation_shapes, residual_shapes = preset.activation_shapes, preset.residual_shapes
+    if args.tiny or not ON_GPU:  # the same structure on tiny shapes
+        shapes = TINY_SHAPES
+        activation_shapes = TINY_SHAPES[:1] if activation_shapes else ()
+        residual_shapes = TINY_SHAPES[:1] if residual_shapes else ()
     if args.shapes:
         shapes = [shape for i, shape in enumerate(shapes) if shape_selected(i, shape, args.shapes)]
     formats = [(dtype, layout) for dtype, layout in preset.formats
@@ -161,7 +193,7 @@ def plan_cases(args) -> list[Case]:
             for activation in ACTIVATIONS if extra else ("relu",):
                 if activation in args.activations:
                     cases.append(Case(shape, dtype, layout, activation))
-            if extra and "relu" in args.activations:
+            if (extra or shape in residual_shapes) and "relu" in args.activations:
                 cases.append(Case(shape, dtype, layout, "relu", residual=True))
     return list(dict.fromkeys(cases))  # 2-D shapes collapse layouts: drop the repeats
 
@@ -215,17 +247,29 @@ def step(mode: str, run, batchnorm, x, residual, dy):
     return lambda: (run(x, residual),)
 
 
+def call_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def warm_up_cpu(fn) -> None:
+    """Calls fn until its time settles (see CPU_STABLE_CALLS)."""
+    times = []
+    while len(times) < CPU_WARMUP_MAX:
+        times.append(call_ms(fn))
+        last = times[-CPU_STABLE_CALLS:]
+        if len(last) == CPU_STABLE_CALLS and max(last) <= CPU_STABLE_RATIO * min(last):
+            return
+
+
 def time_ms(fn) -> tuple[float, float, float]:
-    """p20, p50, p80 of fn's time in ms."""
+    """p20, p50, p80 of fn's time in ms, after warm-up."""
     if ON_GPU:
         return tuple(triton.testing.do_bench(fn, warmup=BENCH_WARMUP_MS, rep=BENCH_REP_MS,
                                              quantiles=list(QUANTILES)))
-    times = []
-    for _ in range(CPU_REPEATS):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return tuple(np.quantile(times, QUANTILES))
+    warm_up_cpu(fn)
+    return tuple(np.quantile([call_ms(fn) for _ in range(CPU_REPEATS)], QUANTILES))
 
 
 def graph_ms(fn) -> float:
@@ -266,6 +310,7 @@ def max_abs_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_case(case: Case, modes, providers, copy_gbps: float, progress) -> list[dict]:
+    """The case's rows; without a GPU they carry times and errors only (see the docstring)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     state = random_state(case.shape[1])
@@ -304,11 +349,12 @@ def run_case(case: Case, modes, providers, copy_gbps: float, progress) -> list[d
                                 else float("nan"))
                     gpu_ms = graph_ms(fn) if ON_GPU else float("nan")
                 passes = (mode, case.residual)
-                gbps_model = PASSES_MODEL[passes] * tensor_bytes / (p50 * 1e6)
+                if ON_GPU:
+                    gbps_model = PASSES_MODEL[passes] * tensor_bytes / (p50 * 1e6)
+                    row.update(gbps_floor=PASSES_FLOOR[passes] * tensor_bytes / (p50 * 1e6),
+                               gbps_model=gbps_model, pct_copy_bw=gbps_model / copy_gbps * 100)
                 row.update(
                     ms_p20=p20, ms_p50=p50, ms_p80=p80,
-                    gbps_floor=PASSES_FLOOR[passes] * tensor_bytes / (p50 * 1e6),
-                    gbps_model=gbps_model, pct_copy_bw=gbps_model / copy_gbps * 100,
                     max_abs_err=max_abs_err(outputs[0], reference[mode][0]),
                     max_abs_err_dx=(max_abs_err(outputs[1], reference[mode][1])
                                     if mode == "train_fwdbwd" else float("nan")),
@@ -325,7 +371,10 @@ def run_case(case: Case, modes, providers, copy_gbps: float, progress) -> list[d
 
 def add_speedups(df: pd.DataFrame) -> pd.DataFrame:
     """speedup_vs_<peer> and gpu_speedup_vs_<peer>: the peer's ms_p50 (gpu_ms) over this
-    row's, in the same configuration."""
+    row's, in the same configuration. None without a GPU: the interpreter's times are no
+    measure of the kernels' speed."""
+    if not ON_GPU:
+        return df
     key = ["shape", "dtype", "layout", "activation", "residual", "mode"]
     for peer in ("eager", "compile"):
         for time_column, prefix in (("ms_p50", ""), ("gpu_ms", "gpu_")):
@@ -364,10 +413,42 @@ def csv_list(choices):
     return parse
 
 
+def nvidia_smi(field: str) -> str:
+    try:
+        done = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"unknown (nvidia-smi: {type(error).__name__})"
+    return done.stdout.strip().splitlines()[0]
+
+
+def environment() -> dict:
+    """What a run's figures depend on: the device, the versions, which launch path the kernels
+    take, and the copy bandwidth."""
+    from tritonbn.kernels import launch
+
+    env = {"device": torch.cuda.get_device_name() if ON_GPU else "cpu (no CUDA device)"}
+    if ON_GPU:
+        env.update(capability="sm_{}{}".format(*torch.cuda.get_device_capability()),
+                   driver=nvidia_smi("driver_version"), cuda=torch.version.cuda,
+                   memory=f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
+    env.update(python=sys.version.split()[0], torch=torch.__version__,
+               triton=triton.__version__, numpy=np.__version__, cpus=os.cpu_count(),
+               interpreter=tritonbn.ops.INTERPRETING, direct_launches=launch.LAUNCH_DIRECTLY)
+    if ON_GPU:
+        env["copy_bandwidth"] = f"{copy_bandwidth_gbps():.0f} GB/s"
+    return env
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true",
                         help="four shapes, bf16 channels_last and fp32 contiguous, relu")
+    preset.add_argument("--headline", action="store_true",
+                        help="the ResNet-50 shapes, BN + ReLU, with and without a residual, "
+                             "bf16 channels_last and fp32 contiguous, train_fwdbwd and "
+                             "eval_fwd, tritonbn, eager and compile")
     parser.add_argument("--tiny", action="store_true",
                         help="interpreter-sized shapes (always so without a GPU)")
     parser.add_argument("--shapes", type=lambda s: [t.strip() for t in s.split(",")],
@@ -376,26 +457,45 @@ def parse_args(argv=None):
     parser.add_argument("--dtypes", type=csv_list(tuple(DTYPES)), default=list(DTYPES))
     parser.add_argument("--layouts", type=csv_list(LAYOUTS), default=list(LAYOUTS),
                         help="channels_last means channels_last_3d for 5-D input")
-    parser.add_argument("--activations", type=csv_list(ACTIVATIONS), default=list(ACTIVATIONS))
-    parser.add_argument("--modes", type=csv_list(MODES), default=list(MODES))
+    parser.add_argument("--activations", type=csv_list(ACTIVATIONS),
+                        help="default: the preset's")
+    parser.add_argument("--modes", type=csv_list(MODES), help="default: the preset's")
     parser.add_argument("--providers", type=csv_list(PROVIDERS),
-                        help="default: all on a GPU, tritonbn,eager without one")
+                        help="default: the preset's, less the compiled ones without a GPU")
     parser.add_argument("--max-seconds", type=float, default=float("inf"),
                         help="start no new case after this long; the CSV holds the cases done")
     parser.add_argument("--out", type=Path,
                         help="CSV path, or a folder for <gpu>.csv; default "
                              "perf/results/<gpu>.csv, perf/results-interpreter.csv without a GPU")
+    parser.add_argument("--environment", action="store_true",
+                        help="print the device, versions and copy bandwidth, and exit")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> pd.DataFrame:
+def results_frame(rows: list[dict], copy_gbps: float, device_name: str) -> pd.DataFrame:
+    df = add_speedups(pd.DataFrame(rows).reindex(columns=COLUMNS))
+    return df.assign(copy_gbps=copy_gbps, gpu=device_name, torch=torch.__version__,
+                     triton=triton.__version__, date=date.today().isoformat(),
+                     interpreter=tritonbn.ops.INTERPRETING)
+
+
+def main(argv=None) -> pd.DataFrame | None:
     args = parse_args(argv)
     interpreting = tritonbn.ops.INTERPRETING
     if not ON_GPU and not interpreting:
         sys.exit("no GPU, and triton was imported without TRITON_INTERPRET=1: tritonbn would "
                  "run its PyTorch reference, not its kernels")
-    providers = args.providers or (list(PROVIDERS) if ON_GPU else ["tritonbn", "eager"])
-    cases = plan_cases(args)
+    if not ON_GPU:
+        torch.set_num_threads(1)
+    if args.environment:
+        for key, value in environment().items():
+            print(f"{key}: {value}")
+        return None
+    preset = HEADLINE if args.headline else QUICK if args.quick else FULL
+    args.activations = args.activations or list(preset.activations)
+    modes = args.modes or list(preset.modes)
+    providers = args.providers or [p for p in preset.providers if ON_GPU or p not in COMPILED]
+    cases = plan_cases(args, preset)
     if not cases:
         sys.exit("the filters select no case")
     device_name = torch.cuda.get_device_name() if ON_GPU else "cpu"
@@ -403,29 +503,32 @@ def main(argv=None) -> pd.DataFrame:
                        else PERF_DIR / "results-interpreter.csv")
     if out.is_dir():
         out = out / f"{device_slug(device_name)}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = ResultsCsv(out)
     banner = ("INTERPRETER NUMBERS: no GPU, the Triton kernels ran on the CPU through Triton's "
               "interpreter; these times are not GPU timings" if interpreting else "")
-    print(banner or f"{device_name}: {len(cases)} cases x {len(args.modes)} modes x "
+    print(banner or f"{device_name}: {len(cases)} cases x {len(modes)} modes x "
                     f"{len(providers)} providers")
 
     start = time.perf_counter()
-    copy_gbps = copy_bandwidth_gbps()
-    print(f"device-to-device copy bandwidth: {copy_gbps:.0f} GB/s")
+    copy_gbps = float("nan")
+    if ON_GPU:
+        copy_gbps = copy_bandwidth_gbps()
+        print(f"device-to-device copy bandwidth: {copy_gbps:.0f} GB/s")
     rows = []
-    with tqdm(total=len(cases) * len(args.modes) * len(providers), unit="row") as progress:
+    with tqdm(total=len(cases) * len(modes) * len(providers), unit="row") as progress:
         for done, case in enumerate(cases):
             if time.perf_counter() - start > args.max_seconds:
-                print(f"--max-seconds reached: {done} of {len(cases)} cases run")
+                progress.write(f"--max-seconds reached: {done} of {len(cases)} cases run")
                 break
-            rows.extend(run_case(case, args.modes, providers, copy_gbps, progress))
-    df = add_speedups(pd.DataFrame(rows).reindex(columns=COLUMNS))
-    df = df.assign(copy_gbps=copy_gbps, gpu=device_name, torch=torch.__version__,
-                   triton=triton.__version__, date=date.today().isoformat(),
-                   interpreter=interpreting)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out, index=False)
+            rows.extend(run_case(case, modes, providers, copy_gbps, progress))
+            df = results_frame(rows, copy_gbps, device_name)
+            written = results.write(df)
     print(summary_table(df))
-    print(f"wrote {len(df)} rows to {out} in {time.perf_counter() - start:.0f} s")
+    if written != out:
+        print(f"{out} holds {results.rows_before} rows, more than this run's {len(df)}: "
+              "left as it was")
+    print(f"wrote {len(df)} rows to {written} in {time.perf_counter() - start:.0f} s")
     if banner:
         print(banner)
     return df
