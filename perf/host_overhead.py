@@ -23,6 +23,11 @@ It ends with one line for scripts:
     python perf/host_overhead.py --stack         # also the Conv-BN-ReLU stack
     python perf/host_overhead.py --compiled      # also under torch.compile (fullgraph, static
                                                  # shapes): the registered ops' dispatch cost
+    python perf/host_overhead.py --out host.csv  # also every figure as a CSV row (part,
+                                                 # provider, mode, shape, us), after each part
+
+With launches stubbed (always so without a GPU) the modes are timed for tritonbn's module
+only, compiled or not: eager's kernels cannot be stubbed.
 
 Without a GPU the tensors are CPU tensors routed to the Triton launchers (TRITON_INTERPRET=1),
 the launches are always stubbed (the interpreter's own time would swamp the host's), and
@@ -36,19 +41,24 @@ import os
 import pstats
 import statistics
 import time
+from datetime import date
+from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import torch
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"  # route CPU tensors to the launchers
 
+import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 import tritonbn  # noqa: E402
 from tritonbn import activations, kernels  # noqa: E402
 from tritonbn.kernels import backward, forward, launch  # noqa: E402
+from results_csv import ResultsCsv  # noqa: E402
 
 STACK_PAIRS = 33  # as many as fuse_bn_act finds in ResNet-50
 
@@ -208,6 +218,7 @@ def main():
                         help="also time torch.compile of each module")
     parser.add_argument("--stack", action="store_true",
                         help="also time a training step of a Conv-BN-ReLU stack")
+    parser.add_argument("--out", type=Path, help="also write every figure to this CSV")
     args = parser.parse_args()
     stubbed = args.stub_launches or not ON_GPU
     if stubbed:
@@ -220,8 +231,21 @@ def main():
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     print(f"{device}, {str(dtype)[6:]}, {'launches stubbed out' if stubbed else 'real launches'}"
           f"; medians of {args.repeats} interleaved bursts")
+    rows = []
+    results = ResultsCsv(args.out) if args.out else None
+
+    def record(part: str, shape: str, times: dict):
+        """Rows of times, {(provider, mode): us}, then the CSV with every row so far."""
+        rows.extend(dict(part=part, provider=provider, mode=mode, shape=shape, us=us)
+                    for (provider, mode), us in times.items())
+        if results is not None:
+            results.write(pd.DataFrame(rows).assign(
+                device=torch.cuda.get_device_name() if ON_GPU else "cpu", stubbed=stubbed,
+                dtype=str(dtype)[6:], torch=torch.__version__, triton=triton.__version__,
+                date=date.today().isoformat()))
 
     alone = pair_alone(device, dtype, args.calls, args.repeats)
+    record("pair_alone", "2x64x4x4", {(name, "train_fwdbwd"): us for name, us in alone.items()})
     print(f"pair alone, 2x64x4x4 fwd+bwd: eager {alone['eager']:.1f} us, "
           f"tritonbn {alone['tritonbn']:.1f} us")
 
@@ -241,11 +265,15 @@ def main():
         for name, (module, bn) in list(providers.items()):
             compiled = torch.compile(module, fullgraph=True, dynamic=False)
             providers["compile" if name == "eager" else f"{name}_compile"] = (compiled, bn)
+    shape = "x".join(map(str, x.shape))
     for name, (module, bn) in providers.items():
         times = mode_times(module, bn, x, dy, args.calls, args.repeats)
         print(f"  {name:16s} " + "  ".join(f"{mode} {us:7.1f}" for mode, us in times.items()))
-    for name, us in launcher_times(ours, x, dy, args.calls, args.repeats).items():
+        record("layer", shape, {(name, mode): us for mode, us in times.items()})
+    launchers = launcher_times(ours, x, dy, args.calls, args.repeats)
+    for name, us in launchers.items():
         print(f"    {name:24s} {us:7.1f}")
+    record("launcher", shape, {(name, ""): us for name, us in launchers.items()})
 
     stack = None
     if args.stack:
@@ -253,6 +281,8 @@ def main():
         print(f"{STACK_PAIRS} x (Conv, BatchNorm2d, ReLU), 2x64x4x4, SGD step: as built "
               f"{stack['eager']:.2f} ms, converted {stack['converted']:.2f} ms, "
               f"{(stack['converted'] - stack['eager']) / STACK_PAIRS * 1e3:+.1f} us per pair")
+        record("stack", f"{STACK_PAIRS}x2x64x4x4",
+               {(name, "sgd_step"): ms * 1e3 for name, ms in stack.items()})
 
     if args.profile_rows:
         ours.train()
