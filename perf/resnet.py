@@ -23,14 +23,21 @@ residual sums count too). In compiled code that means Inductor's generated kerne
 (which list the aten ops each fuses) include a BatchNorm or a ReLU, and tritonbn's kernels,
 which Inductor launches under their own names.
 
-Writes <out-dir>/resnet50_<gpu>.csv and prints a markdown table. Needs a CUDA GPU and
-torchvision; without either it says so and exits with status 0.
+Writes <out-dir>/resnet50_<gpu>.csv after every variant (never over a file that holds more
+rows: perf/results_csv.py) and prints a markdown table. --max-seconds starts no new variant
+after that long. Needs torchvision: without it, it says so and exits with status 1.
+
+Without a GPU it rehearses on a tiny model through Triton's interpreter: a stem and one
+downsampling bottleneck of torchvision's Bottleneck block (4 fused pairs), batch 2 of
+8x8 images, float32, eager and converted only (the compiled variants need a GPU), written to
+results-interpreter-resnet.csv. Its times measure the interpreter, not the kernels.
 
     python perf/resnet.py                      # most of the time goes to four compiles
     python perf/resnet.py --batch-sizes 128 --variants eager,converted
 """
 import argparse
 import gc
+import os
 import re
 import statistics
 import sys
@@ -42,27 +49,48 @@ import pandas as pd
 import torch
 from torch import nn
 
-import tritonbn
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # before tritonbn imports triton
+
+import tritonbn  # noqa: E402
+from results_csv import ResultsCsv  # noqa: E402
 
 VARIANTS = ("eager", "converted", "compile", "compile_converted")
 CUDA_GRAPH_VARIANTS = ("cudagraphs", "cudagraphs_converted")  # by --variants only
 BATCH_SIZES = (128, 32)
 IMAGE_SIZE = 224
 NUM_CLASSES = 1000
+DEVICE = "cuda" if ON_GPU else "cpu"
+TINY_BATCH_SIZE, TINY_IMAGE_SIZE = 2, 8  # without a GPU
 # Kernels of BatchNorm (cuDNN, PyTorch's native CUDA kernels, tritonbn's Triton kernels) and of
 # ReLU (a clamp forward, threshold backward), matched on the profiler's kernel names.
 BN_ACT_KERNELS = re.compile(r"batch_norm|batchnorm|bn_fw|bn_bw|cudnn::bn|clamp|threshold|relu"
                             r"|_batch_stats_kernel|_normalize_kernel|_grad_reduce_kernel"
                             r"|_dx_kernel")
-DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
+PERF_DIR = Path(__file__).resolve().parent
+
+
+def tiny_resnet() -> nn.Module:
+    """A stem and a downsampling bottleneck: every kind of pair ResNet-50 has."""
+    from torchvision.models.resnet import Bottleneck
+
+    def downsample(inplanes, planes, stride):
+        return nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False),
+                             nn.BatchNorm2d(planes))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        Bottleneck(8, 4, stride=2, downsample=downsample(8, 16, 2)),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, NUM_CLASSES))
 
 
 def build(variant: str, seed: int):
-    """(model, number of fused pairs) for variant, on the GPU in channels_last."""
+    """(model, number of fused pairs) for variant, on DEVICE in channels_last."""
     from torchvision.models import resnet50
 
     torch.manual_seed(seed)
-    model = resnet50(weights=None).cuda().to(memory_format=torch.channels_last)
+    model = resnet50(weights=None) if ON_GPU else tiny_resnet()
+    model = model.to(DEVICE, memory_format=torch.channels_last)
     fused = 0
     if variant.endswith("converted"):
         model = tritonbn.fuse_bn_act(model)
@@ -74,16 +102,19 @@ def build(variant: str, seed: int):
     return model, fused
 
 
-def make_step(model: nn.Module, batch_size: int):
+def make_step(model: nn.Module, batch_size: int, graph_trees: bool):
     """One training step on a fixed random batch, as a closure."""
-    images = torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, device="cuda")
+    size = IMAGE_SIZE if ON_GPU else TINY_IMAGE_SIZE
+    images = torch.randn(batch_size, 3, size, size, device=DEVICE)
     images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, NUM_CLASSES, (batch_size,), device="cuda")
+    labels = torch.randint(0, NUM_CLASSES, (batch_size,), device=DEVICE)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
 
     def step():
-        torch.compiler.cudagraph_mark_step_begin()  # for CUDA-graph trees; else no effect
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        if graph_trees:  # a new step for CUDA-graph trees
+            torch.compiler.cudagraph_mark_step_begin()
+        # The interpreter has no bfloat16 arithmetic: float32 without a GPU.
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=ON_GPU):
             loss = nn.functional.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -92,13 +123,18 @@ def make_step(model: nn.Module, batch_size: int):
     return step
 
 
+def synchronize():
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
 def timed_ms(step, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
-        torch.cuda.synchronize()
+        synchronize()
         start = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        synchronize()
         times.append(1e3 * (time.perf_counter() - start))
     return times
 
@@ -116,20 +152,24 @@ def bn_act_share(step) -> float:
 
 def run(variant: str, batch_size: int, args) -> dict:
     model, fused = build(variant, args.seed)
-    step = make_step(model, batch_size)
+    step = make_step(model, batch_size, variant.startswith("cudagraphs"))
     start = time.perf_counter()
     for _ in range(args.warmup):
         step()
-    torch.cuda.synchronize()
+    synchronize()
     warmup_s = time.perf_counter() - start
-    torch.cuda.reset_peak_memory_stats()
+    peak_gib = share = float("nan")  # CUDA's allocator and kernels only
+    if ON_GPU:
+        torch.cuda.reset_peak_memory_stats()
     times = timed_ms(step, args.steps)
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30
-    share = bn_act_share(step)
+    if ON_GPU:
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        share = bn_act_share(step)
     ms = statistics.median(times)
     del model, step
     gc.collect()
-    torch.cuda.empty_cache()
+    if ON_GPU:
+        torch.cuda.empty_cache()
     torch._dynamo.reset()
     return dict(batch_size=batch_size, variant=variant, images_per_s=batch_size / ms * 1e3,
                 ms_per_step=ms, ms_min=min(times), ms_max=max(times), peak_mem_gib=peak_gib,
@@ -139,9 +179,11 @@ def run(variant: str, batch_size: int, args) -> dict:
 def results_table(rows: list, gpu: str, torchvision_version: str) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     eager_ms = df[df.variant == "eager"].set_index("batch_size").ms_per_step
-    df["speedup_vs_eager"] = df.batch_size.map(eager_ms) / df.ms_per_step
-    return df.assign(gpu=gpu, torch=torch.__version__, torchvision=torchvision_version,
-                     date=date.today().isoformat())
+    # The interpreter's times measure the interpreter: no speedups from them.
+    df["speedup_vs_eager"] = df.batch_size.map(eager_ms) / df.ms_per_step if ON_GPU else None
+    return df.assign(gpu=gpu, model="resnet50" if ON_GPU else "tiny bottleneck net",
+                     torch=torch.__version__, torchvision=torchvision_version,
+                     date=date.today().isoformat(), interpreter=not ON_GPU)
 
 
 def markdown(df: pd.DataFrame) -> str:
@@ -150,8 +192,9 @@ def markdown(df: pd.DataFrame) -> str:
     for row in df.itertuples():
         speedup = "" if pd.isna(row.speedup_vs_eager) else f"{row.speedup_vs_eager:.2f}x"
         share = "" if pd.isna(row.bn_act_share) else f"{100 * row.bn_act_share:.1f}%"
+        peak = "" if pd.isna(row.peak_mem_gib) else f"{row.peak_mem_gib:.1f}"
         lines.append(f"| {row.batch_size} | {row.variant} | {row.images_per_s:.0f} | "
-                     f"{row.ms_per_step:.1f} | {speedup} | {row.peak_mem_gib:.1f} | {share} |")
+                     f"{row.ms_per_step:.1f} | {speedup} | {peak} | {share} |")
     return "\n".join(lines)
 
 
@@ -166,7 +209,10 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps, compile included")
     parser.add_argument("--steps", type=int, default=15, help="timed steps")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--max-seconds", type=float, default=float("inf"),
+                        help="start no new variant after this long")
+    parser.add_argument("--out-dir", type=Path,
+                        help="default perf/results, perf without a GPU")
     args = parser.parse_args(argv)
     unknown = set(args.variants) - set(VARIANTS + CUDA_GRAPH_VARIANTS)
     if unknown:
@@ -174,34 +220,52 @@ def main(argv=None) -> int:
                      f"{', '.join(VARIANTS + CUDA_GRAPH_VARIANTS)}")
     if not args.variants or not args.batch_sizes:
         parser.error("name at least one variant and one batch size")
-    if not torch.cuda.is_available():
-        print("resnet.py needs a CUDA GPU; none is available, nothing to measure")
-        return 0
     try:
         import torchvision
     except ImportError:
-        print("resnet.py needs torchvision (pip install torchvision); it is not installed")
-        return 0
+        print("resnet.py needs torchvision (pip install torchvision); it is not installed",
+              file=sys.stderr)
+        return 1
     from sweep import device_slug  # one naming rule for every results file
 
-    torch.backends.cudnn.benchmark = True
-    gpu = torch.cuda.get_device_name()
-    print(f"{gpu}: ResNet-50 training step, bf16 autocast, channels_last; torch "
-          f"{torch.__version__}, torchvision {torchvision.__version__}")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    out = args.out_dir / f"resnet50_{device_slug(gpu)}.csv"
+    if ON_GPU:
+        torch.backends.cudnn.benchmark = True
+        gpu = torch.cuda.get_device_name()
+        out_dir = args.out_dir or PERF_DIR / "results"
+        out = out_dir / f"resnet50_{device_slug(gpu)}.csv"
+        print(f"{gpu}: ResNet-50 training step, bf16 autocast, channels_last; torch "
+              f"{torch.__version__}, torchvision {torchvision.__version__}")
+    else:
+        torch.set_num_threads(1)  # tiny tensors: more threads only wait for each other
+        gpu = "cpu"
+        out_dir = args.out_dir or PERF_DIR
+        out = out_dir / "results-interpreter-resnet.csv"
+        left_out = [v for v in args.variants if v not in ("eager", "converted")]
+        args.variants = [v for v in args.variants if v in ("eager", "converted")]
+        args.batch_sizes = [TINY_BATCH_SIZE]
+        print(f"INTERPRETER NUMBERS: no GPU, a tiny bottleneck net at batch {TINY_BATCH_SIZE} "
+              f"through Triton's interpreter; not GPU timings. Left out (they need a GPU): "
+              f"{', '.join(left_out) or 'none'}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = ResultsCsv(out)
     rows = []
+    start = time.perf_counter()
     for batch_size in args.batch_sizes:
         for variant in args.variants:
+            if time.perf_counter() - start > args.max_seconds:
+                print(f"--max-seconds reached: batch {batch_size} {variant} and later not run")
+                break
             row = run(variant, batch_size, args)
             print(f"batch {batch_size:>4} {variant:>17}: {row['ms_per_step']:7.1f} ms/step, "
                   f"{row['images_per_s']:6.0f} images/s (warm-up {row['warmup_s']:.0f} s)",
                   flush=True)
             rows.append(row)
             df = results_table(rows, gpu, torchvision.__version__)
-            df.to_csv(out, index=False)  # after every row: a cut-short run keeps what it had
+            written = results.write(df)  # after every row: a cut-short run keeps what it had
+    if not rows:
+        sys.exit("no variant ran")
     print(markdown(df))
-    print(f"wrote {out}")
+    print(f"wrote {len(df)} rows to {written}")
     return 0
 
 
