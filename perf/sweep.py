@@ -463,7 +463,8 @@ def parse_args(argv=None):
     parser.add_argument("--providers", type=csv_list(PROVIDERS),
                         help="default: the preset's, less the compiled ones without a GPU")
     parser.add_argument("--max-seconds", type=float, default=float("inf"),
-                        help="start no new case after this long; the CSV holds the cases done")
+                        help="start no new case after this long (the first always runs); "
+                             "the CSV holds the cases done")
     parser.add_argument("--out", type=Path,
                         help="CSV path, or a folder for <gpu>.csv; default "
                              "perf/results/<gpu>.csv, perf/results-interpreter.csv without a GPU")
@@ -518,7 +519,7 @@ def main(argv=None) -> pd.DataFrame | None:
     rows = []
     with tqdm(total=len(cases) * len(modes) * len(providers), unit="row") as progress:
         for done, case in enumerate(cases):
-            if time.perf_counter() - start > args.max_seconds:
+            if done and time.perf_counter() - start > args.max_seconds:
                 progress.write(f"--max-seconds reached: {done} of {len(cases)} cases run")
                 break
             rows.extend(run_case(case, modes, providers, copy_gbps, progress))
