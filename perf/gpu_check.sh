@@ -48,8 +48,8 @@ printf '%s\n' \
     $'resnet\tResNet-50 bs128 training step\t200' >>"$work/plan.tsv"
 failed=0
 
-planned_cap() {  # STEP: its cap in plan.tsv, cut to the time left
-    local cap left=$(( deadline - SECONDS ))
+planned_cap() {  # STEP: its cap in plan.tsv, cut to the time left less the kill's grace
+    local cap left=$(( deadline - SECONDS - 15 ))
     cap=$(awk -F'\t' -v step="$1" '$1 == step { print $3 }' "$work/plan.tsv")
     echo $(( cap < left ? cap : left ))
 }
