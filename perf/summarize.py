@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from plot import p50_by_provider
+
 MISSING = "did not run / failed"
 SECTIONS = ("Steps", "Environment", "Tests", "Headline: BN + ReLU on the ResNet-50 shapes",
             "Host time per layer", "ResNet-50 training step", "Key figures")
@@ -125,8 +127,6 @@ def headline_figures(df: pd.DataFrame | None) -> dict:
     """Per case, tritonbn's speedup over the faster peer on GPU time and on wall time."""
     if df is None or "tritonbn" not in set(df.provider) or df.interpreter.any():
         return {}
-    from plot import p50_by_provider  # matplotlib: only where there is something to compare
-
     cases = p50_by_provider(df).reset_index()
     cases["format"] = cases.dtype + " " + cases.layout
     return {"cases": cases}

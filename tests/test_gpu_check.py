@@ -30,10 +30,19 @@ def section(summary: str, title: str) -> str:
     return summary.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
+def table_rows(text: str) -> list[list[str]]:
+    """The cells of a markdown table's rows, the header and the rule left out."""
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("|")]
+    return rows[2:]
+
+
 def step_results(summary: str) -> dict:
-    rows = [line.split(" | ") for line in section(summary, "Steps").splitlines()
-            if line.startswith("| ") and not line.startswith("| step ")]
-    return {cells[0].removeprefix("| "): cells[2] for cells in rows}
+    return {cells[0]: cells[2] for cells in table_rows(section(summary, "Steps"))}
+
+
+def key_figures(summary: str) -> dict:
+    return dict(table_rows(section(summary, "Key figures")))
 
 
 @pytest.mark.slow
@@ -73,6 +82,50 @@ def test_missing_output_shows_as_missing(tmp_path):
                                      **{step: MISSING for step in STEPS[2:]}}
     for title in SECTIONS[1:]:
         assert MISSING in section(summary, title), title
-    figures = [line.rsplit(" | ", 1)[1] for line in section(summary, "Key figures").splitlines()
-               if line.startswith("| ") and not line.startswith("| figure")]
-    assert figures and all(value == f"{MISSING} |" for value in figures)
+    figures = key_figures(summary)
+    assert figures and all(value == MISSING for value in figures.values())
+
+
+def test_gpu_figures_from_made_up_steps(tmp_path):
+    """The summary's GPU-only paths, on made-up step output with known ratios."""
+    (tmp_path / "environment.log").write_text("device: NVIDIA H100 80GB HBM3\n"
+                                              "UserWarning: not an entry\ntorch: 2.11.0\n")
+    case = {"dtype": "bf16", "layout": "channels_last", "activation": "relu", "residual": False,
+            "interpreter": False, "pct_copy_bw": 80.0, "max_abs_err": 0.0,
+            "max_abs_err_dx": 0.0, "error": None}
+    # (ms_p50, gpu_ms) per provider: tritonbn 2x faster than the best peer on GPU time in one
+    # shape, 0.5x in the other.
+    times = {"8x4x2x2": {"tritonbn": (1.0, 0.25), "eager": (2.0, 1.0), "compile": (3.0, 0.5)},
+             "8x4x4x4": {"tritonbn": (4.0, 2.0), "eager": (2.0, 1.5), "compile": (5.0, 1.0)}}
+    pd.DataFrame([{**case, "shape": shape, "mode": "train_fwdbwd", "provider": provider,
+                   "ms_p50": wall, "gpu_ms": gpu}
+                  for shape, by_provider in times.items()
+                  for provider, (wall, gpu) in by_provider.items()]).to_csv(
+        tmp_path / "headline.csv", index=False)
+    pd.DataFrame([{"part": "layer", "provider": provider, "mode": "train_fwdbwd",
+                   "shape": "32x64x56x56", "us": us, "stubbed": False}
+                  for provider, us in (("tritonbn", 300.0), ("eager", 200.0),
+                                       ("tritonbn_compile", 100.0), ("compile", 400.0))]
+                 ).to_csv(tmp_path / "host.csv", index=False)
+    (tmp_path / "resnet").mkdir()
+    pd.DataFrame([{"batch_size": 128, "variant": variant, "ms_per_step": ms,
+                   "images_per_s": 128e3 / ms, "bn_act_share": 0.5, "interpreter": False,
+                   "model": "resnet50"}
+                  for variant, ms in (("eager", 40.0), ("converted", 50.0),
+                                      ("cudagraphs", 32.0), ("cudagraphs_converted", 30.0))]
+                 ).to_csv(tmp_path / "resnet" / "resnet50_h100.csv", index=False)
+
+    summary = summarize_module().summary(tmp_path)
+    assert "No GPU" not in summary and "UserWarning" not in summary
+    figures = key_figures(summary)
+    assert figures["headline gpu_ms speedup vs best peer, geomean"] == "1.00x"
+    assert figures["headline gpu_ms speedup vs best peer, worst"] == (
+        "0.50x (8x4x4x4 bf16 channels_last train_fwdbwd)")
+    assert figures["headline wall time speedup vs best peer, geomean"] == "1.00x"
+    assert figures["host time per layer, tritonbn / eager, train_fwdbwd"] == "1.50"
+    assert figures["host time per layer, tritonbn_compile / compile, train_fwdbwd"] == "0.25"
+    assert figures["ResNet-50 bs128 converted vs eager (speedup)"] == "0.80x"
+    assert figures["ResNet-50 bs128 cudagraphs_converted vs cudagraphs (speedup)"] == "1.07x"
+    assert figures["ResNet-50 bs128 compile_converted vs compile (speedup)"] == MISSING
+    assert "| bf16 channels_last | train_fwdbwd | 2 | 1.00x |" in section(
+        summary, "Headline: BN + ReLU on the ResNet-50 shapes")
