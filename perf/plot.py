@@ -13,11 +13,7 @@ their times measure the interpreter, not the kernels.
 import argparse
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import pandas as pd
 
 CASE = ["shape", "dtype", "layout", "activation", "residual", "mode"]
 PROVIDERS = ("eager", "compile", "tritonbn", "tritonbn_compile")
@@ -98,6 +94,16 @@ def device_label(df: pd.DataFrame) -> str:
     return f"{df.gpu.iloc[0]}{interpreted}"
 
 
+def pyplot():
+    """matplotlib's pyplot, drawing to files only; imported on first use, as the tables (which
+    perf/sweep.py and perf/summarize.py print) need pandas alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def bar_chart(ax, wide: pd.DataFrame, ylabel: str, title: str) -> None:
     wide.plot.bar(ax=ax, width=0.8, rot=45)
     ax.set_xlabel("")
@@ -115,6 +121,7 @@ def plot_speedup(df: pd.DataFrame, path: Path) -> None:
     if "gpu_speedup_vs_best_peer" in table.columns:
         panels.append(("gpu_speedup_vs_best_peer", "GPU time (CUDA graph replays)"))
     width = max(6.0, 0.5 * table.index.get_level_values("shape").nunique() + 3)
+    plt = pyplot()
     fig, axes = plt.subplots(len(panels), 1, figsize=(width, 5 * len(panels)), squeeze=False)
     for ax, (column, timed) in zip(axes[:, 0], panels):
         bar_chart(ax, by_shape_and_format(table, column), "speedup (best peer / tritonbn)",
@@ -131,6 +138,7 @@ def plot_copy_bandwidth(df: pd.DataFrame, path: Path) -> None:
     relu = relu[relu.provider == "tritonbn"]
     modes = list(dict.fromkeys(relu["mode"]))
     width = max(6.0, 0.5 * relu["shape"].nunique() + 3)
+    plt = pyplot()
     fig, axes = plt.subplots(len(modes), 1, figsize=(width, 4 * len(modes)), squeeze=False)
     for ax, mode in zip(axes[:, 0], modes):
         wide = by_shape_and_format(relu[relu["mode"] == mode].set_index(CASE), "pct_copy_bw")
