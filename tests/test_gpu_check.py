@@ -62,7 +62,8 @@ def test_the_rehearsal_runs_every_step(tmp_path):
     for title in SECTIONS:
         assert f"## {title}\n" in summary
     assert step_results(summary) == {step: "ok" for step in STEPS}
-    assert "| GPU-first tests | 1 | 0 |" in section(summary, "Tests")
+    for what, passed, failed, *_ in table_rows(section(summary, "Tests")):
+        assert int(passed) > 0 and int(failed) == 0, what
     for csv in ("headline.csv", "host.csv", "resnet.csv"):
         assert pd.read_csv(out / csv).shape[0] > 0
     with tarfile.open(out / "gpu_check.tar.gz") as archive:
