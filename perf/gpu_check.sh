@@ -35,7 +35,8 @@ command -v "$python" >/dev/null || python=python3
 export PYTHONUNBUFFERED=1
 deadline=$(( SECONDS + 465 ))  # the rest of the 8 minutes: the last summary and archive
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+links=""
+trap 'rm -rf "$work" $links' EXIT
 printf 'name\trc\tseconds\tcap\n' >"$work/steps.tsv"
 printf 'name\twhat\tcap\n' >"$work/plan.tsv"
 printf '%s\n' \
@@ -47,6 +48,10 @@ printf '%s\n' \
     $'host\thost time per layer, eager and compiled\t50' \
     $'resnet\tResNet-50 bs128 training step (what time is left)\t465' >>"$work/plan.tsv"
 failed=0
+
+seconds_less() {  # A B: A - B, or 0
+    echo $(( $1 > $2 ? $1 - $2 : 0 ))
+}
 
 planned_cap() {  # STEP: its cap in plan.tsv, cut to the time left less the kill's grace
     local cap left=$(( deadline - SECONDS - 15 ))
@@ -142,7 +147,7 @@ else
     deadline=$(( SECONDS + 300 ))  # short caps: a hang costs CI minutes, not ten
     rehearsal=(-k "sigmoid and train and triton")  # one float64 test; the GPU ones skip
     suite=(tests/test_errors.py)
-    sweep_last_case=$(planned_cap headline)  # one case
+    sweep_last_case=$(planned_cap headline)  # the first case only
     host_scale=(--calls 5 --repeats 1 --profile-rows 0)
     resnet_scale=(--warmup 1 --steps 1)
     resnet_last_variant=0  # eager and converted are all it runs
@@ -157,13 +162,14 @@ run_step suite "$(planned_cap suite)" "$python" -m pytest -q -rfE "${workers[@]}
 
 cap=$(planned_cap headline)
 run_step headline "$cap" "$python" perf/sweep.py --headline \
-    --max-seconds $(( cap - sweep_last_case )) --out "$work/headline.csv"
+    --max-seconds "$(seconds_less "$cap" "$sweep_last_case")" --out "$work/headline.csv"
 run_step host "$(planned_cap host)" "$python" perf/host_overhead.py --compiled --stack \
     "${host_scale[@]}" --out "$work/host.csv"
 cap=$(planned_cap resnet)
 run_step resnet "$cap" "$python" perf/resnet.py --batch-sizes 128 \
     --variants eager,converted,cudagraphs,cudagraphs_converted,compile,compile_converted \
-    "${resnet_scale[@]}" --max-seconds $(( cap - resnet_last_variant )) --out-dir "$work/resnet"
+    "${resnet_scale[@]}" --max-seconds "$(seconds_less "$cap" "$resnet_last_variant")" \
+    --out-dir "$work/resnet"
 
 cat "$out/summary.md"
 exit $failed
