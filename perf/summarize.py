@@ -107,20 +107,17 @@ def junit_results(path: Path) -> dict | None:
     return dict(counts, failed_names=failed)
 
 
-def tests_section(step_dir: Path, results: dict) -> list[str]:
-    lines, rows = [], []
+def tests_section(tests: dict, step_results: dict) -> list[str]:
+    rows = []
     for step, what in TEST_STEPS.items():
-        junit = results[step]
+        junit, result = tests[step], step_results.get(step, MISSING)
         if junit is None:
-            rows.append([what, MISSING, "", "", ""])
+            rows.append([what, result, MISSING, "", "", ""])
             continue
-        rows.append([what, junit["passed"], junit["failed"], junit["skipped"],
+        rows.append([what, result, junit["passed"], junit["failed"], junit["skipped"],
                      ", ".join(f"`{name}`" for name in junit["failed_names"]) or "none"])
-    lines += table(["tests", "passed", "failed", "skipped", "failed by name"], rows)
-    lines.append("")
-    lines.append("A step cut off by its cap reports the tests that finished before it; the "
-                 "steps table says whether it was.")
-    return lines
+    return table(["tests", "step", "passed", "failed", "skipped", "failed by name"], rows) + [
+        "", "A step cut off by its cap counts the tests that finished before it."]
 
 
 def headline_figures(df: pd.DataFrame | None) -> dict:
@@ -241,13 +238,15 @@ def resnet_ratio(df: pd.DataFrame | None, variant: str, baseline: str) -> str:
     return f"{df[baseline] / df[variant]:.2f}x"
 
 
-def key_figures(figures: dict, ratios: dict, resnet: pd.DataFrame | None,
-                tests: dict) -> list[str]:
+def key_figures(figures: dict, ratios: dict, resnet: pd.DataFrame | None, tests: dict,
+                step_results: dict) -> list[str]:
     rows = []
     for step, what in TEST_STEPS.items():
-        junit = tests[step]
-        rows.append([f"{what}: failed / run", MISSING if junit is None else
-                     f"{junit['failed']} / {junit['passed'] + junit['failed']}"])
+        junit, result = tests[step], step_results.get(step, MISSING)
+        counts = (MISSING if junit is None
+                  else f"{junit['failed']} / {junit['passed'] + junit['failed']}")
+        rows.append([f"{what}: failed / run",
+                     counts if result in ("ok", MISSING) else f"{counts} ({result})"])
     cases = figures.get("cases")
     for column, clock in (("gpu_speedup_vs_best_peer", "gpu_ms"),
                           ("speedup_vs_best_peer", "wall time")):
@@ -270,6 +269,7 @@ def key_figures(figures: dict, ratios: dict, resnet: pd.DataFrame | None,
 
 def summary(step_dir: Path) -> str:
     steps = read_steps(step_dir)
+    step_results = {step["name"]: step["result"] for step in steps}
     env_lines, env = environment_section(step_dir)
     tests = {step: junit_results(step_dir / f"{step}.xml") for step in TEST_STEPS}
     headline = read_csv(step_dir / "headline.csv")
@@ -289,11 +289,11 @@ def summary(step_dir: Path) -> str:
                        [[s["name"], s["what"], s["result"], s["seconds"], s["cap"]]
                         for s in steps]) if steps else [MISSING],
         "Environment": env_lines,
-        "Tests": tests_section(step_dir, tests),
+        "Tests": tests_section(tests, step_results),
         "Headline: BN + ReLU on the ResNet-50 shapes": headline_section(headline, figures),
         "Host time per layer": host_section(host, ratios),
         "ResNet-50 training step": resnet_section(resnet),
-        "Key figures": key_figures(figures, ratios, resnet, tests),
+        "Key figures": key_figures(figures, ratios, resnet, tests, step_results),
     }
     for section in SECTIONS:
         lines += [f"## {section}", "", *bodies[section], ""]

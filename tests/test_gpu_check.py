@@ -62,8 +62,8 @@ def test_the_rehearsal_runs_every_step(tmp_path):
     for title in SECTIONS:
         assert f"## {title}\n" in summary
     assert step_results(summary) == {step: "ok" for step in STEPS}
-    for what, passed, failed, *_ in table_rows(section(summary, "Tests")):
-        assert int(passed) > 0 and int(failed) == 0, what
+    for what, step, passed, failed, *_ in table_rows(section(summary, "Tests")):
+        assert step == "ok" and int(passed) > 0 and int(failed) == 0, what
     for csv in ("headline.csv", "host.csv", "resnet.csv"):
         assert pd.read_csv(out / csv).shape[0] > 0
     with tarfile.open(out / "gpu_check.tar.gz") as archive:
@@ -85,6 +85,23 @@ def test_missing_output_shows_as_missing(tmp_path):
         assert MISSING in section(summary, title), title
     figures = key_figures(summary)
     assert figures and all(value == MISSING for value in figures.values())
+
+
+def test_tests_cut_off_by_their_cap_say_so(tmp_path):
+    """JUnit written at the interrupt counts only what finished: the figure says the step
+    timed out, so that 0 failed never reads as a pass."""
+    (tmp_path / "plan.tsv").write_text("name\twhat\tcap\ngpu_tests\ttests\t90\n")
+    (tmp_path / "steps.tsv").write_text("name\trc\tseconds\tcap\ngpu_tests\t124\t99\t90\n")
+    (tmp_path / "gpu_tests.xml").write_text(
+        '<testsuites><testsuite><testcase classname="tests.test_gpu" name="test_a"/>'
+        '<testcase classname="tests.test_gpu" name="test_b"><failure/></testcase>'
+        '<testcase classname="tests.test_gpu" name="test_c"><skipped/></testcase>'
+        '</testsuite></testsuites>')
+    summary = summarize_module().summary(tmp_path)
+    assert key_figures(summary)["GPU-first tests: failed / run"] == (
+        "1 / 2 (timed out at its cap)")
+    assert table_rows(section(summary, "Tests"))[0] == [
+        "GPU-first tests", "timed out at its cap", "1", "1", "1", "`tests.test_gpu::test_b`"]
 
 
 def test_gpu_figures_from_made_up_steps(tmp_path):
