@@ -23,7 +23,7 @@ MISSING = "did not run / failed"
 SECTIONS = ("Steps", "Environment", "Tests", "Headline: BN + ReLU on the ResNet-50 shapes",
             "Host time per layer", "ResNet-50 training step", "Key figures")
 TEST_STEPS = {"gpu_tests": "GPU-first tests", "suite": "the rest of the suite"}
-HOST_SHAPE_MODES = ("train_fwd", "train_fwdbwd", "eval_fwd")
+HOST_MODES = ("train_fwd", "train_fwdbwd", "eval_fwd")
 RESNET_PAIRS = (("converted", "eager"), ("cudagraphs", "eager"),
                 ("cudagraphs_converted", "cudagraphs"), ("compile_converted", "compile"))
 
@@ -143,11 +143,14 @@ def worst(cases: pd.DataFrame, column: str) -> str:
     return f"{row[column]:.2f}x ({row['shape']} {row.format}{residual} {row['mode']})"
 
 
-def headline_section(df: pd.DataFrame | None, figures: dict) -> list[str]:
+def headline_section(df: pd.DataFrame | None, figures: dict, log: Path) -> list[str]:
     if df is None:
         return [MISSING]
     lines = [f"{df[['shape', 'dtype', 'layout', 'residual']].drop_duplicates().shape[0]} "
              f"cases, {len(df)} rows; providers {', '.join(dict.fromkeys(df.provider))}."]
+    if log.exists():  # a sweep stopped by its time limit says how far it got
+        lines += [line.strip() for line in log.read_text().splitlines()
+                  if line.startswith("--max-seconds reached")]
     errors = df[df.error.notna()] if "error" in df.columns else df.iloc[:0]
     if len(errors):
         lines.append(f"{len(errors)} rows failed: " + "; ".join(
@@ -185,7 +188,7 @@ def host_ratios(df: pd.DataFrame | None) -> dict:
     us = df.set_index(["part", "provider", "mode"]).us
     pairs = {}
     for ours, theirs in (("tritonbn", "eager"), ("tritonbn_compile", "compile")):
-        for mode in HOST_SHAPE_MODES:
+        for mode in HOST_MODES:
             if ("layer", ours, mode) in us and ("layer", theirs, mode) in us:
                 pairs[(f"{ours} / {theirs}", mode)] = (us["layer", ours, mode],
                                                        us["layer", theirs, mode])
@@ -206,9 +209,9 @@ def host_section(df: pd.DataFrame | None, ratios: dict) -> list[str]:
                   "only, and no eager per-mode figures to compare with.", ""]
     layer = df[df.part == "layer"].pivot_table(index="mode", columns="provider", values="us")
     lines += table(["mode"] + [f"{p} us" for p in layer.columns],
-                   [[mode] + [f"{v:.1f}" for v in row] for mode, row in layer.iterrows()])
+                   [[mode] + [fmt(v, ".1f", "") for v in row] for mode, row in layer.iterrows()])
     lines.append("")
-    lines += table(["ratio", "mode", "ours us", "theirs us", "ratio"],
+    lines += table(["compared", "mode", "ours us", "theirs us", "ratio"],
                    [[label, mode, f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}"]
                     for (label, mode), (ours, theirs) in ratios.items()] or
                    [[MISSING, "", "", "", ""]])
@@ -223,7 +226,7 @@ def resnet_section(df: pd.DataFrame | None) -> list[str]:
         lines += [f"Interpreter rehearsal on a {df.model.iloc[0]}: not GPU timings.", ""]
     lines += table(["batch", "variant", "ms/step", "images/s", "BN+ReLU kernels"],
                    [[r.batch_size, r.variant, f"{r.ms_per_step:.1f}", f"{r.images_per_s:.0f}",
-                     fmt(100 * r.bn_act_share, ".1f", "%") if not r.interpreter else "n/a"]
+                     "" if pd.isna(r.bn_act_share) else f"{100 * r.bn_act_share:.1f}%"]
                     for r in df.itertuples()])
     return lines
 
@@ -250,13 +253,13 @@ def key_figures(figures: dict, ratios: dict, resnet: pd.DataFrame | None, tests:
     cases = figures.get("cases")
     for column, clock in (("gpu_speedup_vs_best_peer", "gpu_ms"),
                           ("speedup_vs_best_peer", "wall time")):
-        if cases is None:
-            rows += [[f"headline {clock} speedup vs best peer, geomean", MISSING],
-                     [f"headline {clock} speedup vs best peer, worst", MISSING]]
-            continue
-        rows += [[f"headline {clock} speedup vs best peer, geomean",
-                  fmt(geomean(cases[column]))],
-                 [f"headline {clock} speedup vs best peer, worst", worst(cases, column)]]
+        mean = lowest = MISSING
+        if cases is not None:
+            known = cases[column].notna().sum()
+            mean = f"{fmt(geomean(cases[column]))} over {known} of {len(cases)} cases"
+            lowest = worst(cases, column)
+        rows += [[f"headline {clock} speedup vs best peer, geomean", mean],
+                 [f"headline {clock} speedup vs best peer, worst", lowest]]
     for label in ("tritonbn / eager", "tritonbn_compile / compile"):
         value = ratios.get((label, "train_fwdbwd"))
         rows.append([f"host time per layer, {label}, train_fwdbwd",
@@ -290,7 +293,8 @@ def summary(step_dir: Path) -> str:
                         for s in steps]) if steps else [MISSING],
         "Environment": env_lines,
         "Tests": tests_section(tests, step_results),
-        "Headline: BN + ReLU on the ResNet-50 shapes": headline_section(headline, figures),
+        "Headline: BN + ReLU on the ResNet-50 shapes": headline_section(
+            headline, figures, step_dir / "headline.log"),
         "Host time per layer": host_section(host, ratios),
         "ResNet-50 training step": resnet_section(resnet),
         "Key figures": key_figures(figures, ratios, resnet, tests, step_results),

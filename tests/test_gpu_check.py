@@ -125,6 +125,7 @@ def test_gpu_figures_from_made_up_steps(tmp_path):
                   for provider, us in (("tritonbn", 300.0), ("eager", 200.0),
                                        ("tritonbn_compile", 100.0), ("compile", 400.0))]
                  ).to_csv(tmp_path / "host.csv", index=False)
+    (tmp_path / "headline.log").write_text("0%| |\r--max-seconds reached: 2 of 26 cases run\n")
     (tmp_path / "resnet").mkdir()
     pd.DataFrame([{"batch_size": 128, "variant": variant, "ms_per_step": ms,
                    "images_per_s": 128e3 / ms, "bn_act_share": 0.5, "interpreter": False,
@@ -136,14 +137,16 @@ def test_gpu_figures_from_made_up_steps(tmp_path):
     summary = summarize_module().summary(tmp_path)
     assert "No GPU" not in summary and "UserWarning" not in summary
     figures = key_figures(summary)
-    assert figures["headline gpu_ms speedup vs best peer, geomean"] == "1.00x"
+    assert figures["headline gpu_ms speedup vs best peer, geomean"] == "1.00x over 2 of 2 cases"
     assert figures["headline gpu_ms speedup vs best peer, worst"] == (
         "0.50x (8x4x4x4 bf16 channels_last train_fwdbwd)")
-    assert figures["headline wall time speedup vs best peer, geomean"] == "1.00x"
+    assert figures["headline wall time speedup vs best peer, geomean"] == (
+        "1.00x over 2 of 2 cases")
     assert figures["host time per layer, tritonbn / eager, train_fwdbwd"] == "1.50"
     assert figures["host time per layer, tritonbn_compile / compile, train_fwdbwd"] == "0.25"
     assert figures["ResNet-50 bs128 converted vs eager (speedup)"] == "0.80x"
     assert figures["ResNet-50 bs128 cudagraphs_converted vs cudagraphs (speedup)"] == "1.07x"
     assert figures["ResNet-50 bs128 compile_converted vs compile (speedup)"] == MISSING
-    assert "| bf16 channels_last | train_fwdbwd | 2 | 1.00x |" in section(
-        summary, "Headline: BN + ReLU on the ResNet-50 shapes")
+    headline = section(summary, "Headline: BN + ReLU on the ResNet-50 shapes")
+    assert "| bf16 channels_last | train_fwdbwd | 2 | 1.00x |" in headline
+    assert "--max-seconds reached: 2 of 26 cases run" in headline
