@@ -26,9 +26,9 @@ copied twice, Triton's path launches on one set of copies and the direct path on
 and the copies must come out bit for bit the same (the kernels are deterministic); the call
 itself then takes Triton's path, and every later one the direct path. A proof needs a sync,
 so it waits for a call outside CUDA-graph capture whose tensors fit PROOF_MAX_BYTES; until
-then the variant takes Triton's path. ``TRITONBN_DIRECT_LAUNCH=0`` forces Triton's path; ``=1`` trusts the
-direct path without proofs. A kernel whose direct launch raises, or fails its proof, warns once
-and takes Triton's path from then on, that call included.
+then the variant takes Triton's path. ``TRITONBN_DIRECT_LAUNCH=0`` forces Triton's path;
+``=1`` trusts the direct path without proofs. A kernel whose direct launch raises, or fails
+its proof, warns once and takes Triton's path from then on, that call included.
 
 Inside ``traced_launches()`` (the bodies of the ops registered with ``torch.library.triton_op``)
 every launch goes through ``torch.library.wrap_triton`` instead: torch.compile records it, and
