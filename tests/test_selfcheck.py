@@ -67,13 +67,12 @@ def test_versions_below_the_supported_ranges_are_named(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("interpret", ["0", "1"])
-def test_python_dash_m_tritonbn(interpret):
-    """The entry point, in a process of its own: the reference path and the interpreter."""
+def test_python_dash_m_tritonbn():
+    """The entry point, in a process of its own, on the reference path (.ci/run runs it from
+    the installed wheel on the interpreter too)."""
     done = subprocess.run([sys.executable, "-m", "tritonbn"], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "TRITON_INTERPRET": interpret})
+                          timeout=300, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert done.returncode == 0, done.stdout + done.stderr
     if not ON_GPU:
-        path = "interpreter" if interpret == "1" else "reference"
-        assert f"cpu tensors run on: {path}" in done.stdout
+        assert "cpu tensors run on: reference" in done.stdout
         assert "speed: not measured (no GPU)" in done.stdout
