@@ -25,10 +25,11 @@ kernel variant (each cache key) proves itself once, on its second call: the call
 copied twice, Triton's path launches on one set of copies and the direct path on the other,
 and the copies must come out bit for bit the same (the kernels are deterministic); the call
 itself then takes Triton's path, and every later one the direct path. A proof needs a sync,
-so it waits for a call outside CUDA-graph capture whose tensors fit PROOF_MAX_BYTES; until
-then the variant takes Triton's path. ``TRITONBN_DIRECT_LAUNCH=0`` forces Triton's path;
-``=1`` trusts the direct path without proofs. A kernel whose direct launch raises, or fails
-its proof, warns once and takes Triton's path from then on, that call included.
+so it waits for a call outside CUDA-graph capture whose tensors fit PROOF_MAX_BYTES and
+whose copies fit in memory; until then the variant takes Triton's path.
+``TRITONBN_DIRECT_LAUNCH=0`` forces Triton's path; ``=1`` trusts the direct path without
+proofs. A kernel whose direct launch raises, or fails its proof, warns once and takes
+Triton's path from then on, that call included.
 
 Inside ``traced_launches()`` (the bodies of the ops registered with ``torch.library.triton_op``)
 every launch goes through ``torch.library.wrap_triton`` instead: torch.compile records it, and
@@ -41,7 +42,7 @@ import os
 import struct
 import threading
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -88,7 +89,7 @@ LAUNCH_MODE, LAUNCH_MODE_WHY = direct_launches(
 LAUNCH_DIRECTLY = LAUNCH_MODE != "off"
 PROVE_LAUNCHES = LAUNCH_MODE == "prove"
 # A proof copies the call's tensors twice: calls with more bytes than this wait for a smaller one.
-PROOF_MAX_BYTES = 64 << 20
+PROOF_MAX_BYTES = 256 << 20
 # Each input shape adds entries: start over past this many.
 MAX_CACHED = 4096
 
@@ -195,27 +196,35 @@ class CachedLaunch:
         entry = self._unproven.pop(key, None)
         if entry is None:
             self._compile(key, bind(), tensors, floats)
-        elif not self._provable(tensors):
-            self._unproven[key] = entry
-            self._through_triton(bind(), tensors, floats)
         else:
             bound = bind()
-            if self._prove(entry, key[0], bound, tensors, floats):
+            proved = self._provable(tensors) and self._prove(entry, key[0], bound, tensors,
+                                                             floats)
+            if proved:
                 self._compiled[key] = entry  # direct from the next call on
+            elif proved is None:
+                self._unproven[key] = entry  # a later call proves it
             self._through_triton(bound, tensors, floats)
 
     @staticmethod
-    def _provable(tensors) -> bool:
-        """Whether this call can carry a proof: aligned tensors, small enough to copy, and no
-        CUDA graph being captured (the comparison waits for the GPU)."""
-        return (all(tensor.data_ptr() % 16 == 0 for tensor in tensors)
-                and sum(tensor.nbytes for tensor in tensors) <= PROOF_MAX_BYTES
-                and not (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()))
+    def _provable(tensors) -> Optional[bool]:
+        """None unless this call can carry a proof: aligned tensors, small enough to copy, and
+        no CUDA graph being captured (the comparison waits for the GPU)."""
+        unique = {id(tensor): tensor for tensor in tensors}.values()
+        if (all(tensor.data_ptr() % 16 == 0 for tensor in unique)
+                and sum(tensor.nbytes for tensor in unique) <= PROOF_MAX_BYTES
+                and not (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing())):
+            return True
+        return None
 
-    def _prove(self, entry, device, bound: Launch, tensors, floats) -> bool:
+    def _prove(self, entry, device, bound: Launch, tensors, floats) -> Optional[bool]:
         """Launch Triton's path and the direct path on two copies of the call's tensors, and
-        compare the copies bit for bit. A failure falls back, with its warning."""
-        through_triton, direct = _copies(tensors), _copies(tensors)
+        compare the copies bit for bit: True if they agree; False if not, after falling back
+        with a warning; None if the copies did not fit in memory this time."""
+        try:
+            through_triton, direct = _copies(tensors), _copies(tensors)
+        except torch.OutOfMemoryError:
+            return None
         self._through_triton(bound, through_triton, floats)
         try:
             _run(entry, device, direct, floats)

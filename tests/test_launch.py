@@ -336,6 +336,24 @@ def test_a_proof_waits_for_a_call_small_enough_to_copy(proving, monkeypatch):
     _accumulate(kernel, x, out, 3)
     assert len(jit_fn.compiled) == 3 and not jit_fn.kernel.launches and kernel.proven == 0
     monkeypatch.setattr(launch, "PROOF_MAX_BYTES", 2 * 64 * 4)
+    assert CachedLaunch._provable((x, out, x))  # a tensor passed twice is copied once
+    _accumulate(kernel, x, out, 2)
+    assert kernel.proven == 1 and len(jit_fn.kernel.launches) == 2
+    torch.testing.assert_close(out, 5 * (2 * x + 100 + 0.5))
+
+
+def test_a_proof_that_runs_out_of_memory_waits_for_another_call(proving, monkeypatch):
+    jit_fn = _AccumulatingJit(_AccumulatingKernel())
+    kernel = CachedLaunch(jit_fn)
+    x, out = torch.randn(64), torch.zeros(64)
+    copies = launch._copies
+
+    def out_of_memory(tensors):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(launch, "_copies", out_of_memory)
+    assert not _accumulate(kernel, x, out, 3)
+    assert kernel.proven == 0 and not jit_fn.kernel.launches
+    monkeypatch.setattr(launch, "_copies", copies)
     _accumulate(kernel, x, out, 2)
     assert kernel.proven == 1 and len(jit_fn.kernel.launches) == 2
     torch.testing.assert_close(out, 5 * (2 * x + 100 + 0.5))

@@ -59,14 +59,14 @@ def run_case(case: Case, device: torch.device) -> tuple[bool, str]:
     C = case.shape[1]
     generator = torch.Generator().manual_seed(0)
 
-    def random(*shape, low=None):
+    def draw(*shape, low=None):
         t = torch.randn(*shape, dtype=torch.float64, generator=generator)
         return t if low is None else t.abs() + low
-    x64 = random(*case.shape) * 2 + 0.5
-    residual64 = random(*case.shape) if case.residual else None
-    params64 = {"weight": random(C, low=0.5), "bias": random(C),
-                "running_mean": random(C), "running_var": random(C, low=0.5)}
-    dy64 = random(*case.shape)
+    x64 = draw(*case.shape) * 2 + 0.5
+    residual64 = draw(*case.shape) if case.residual else None
+    params64 = {"weight": draw(C, low=0.5), "bias": draw(C),
+                "running_mean": draw(C), "running_var": draw(C, low=0.5)}
+    dy64 = draw(*case.shape)
 
     def run(fn, dtype, target):
         x = x64.to(target, dtype).contiguous(memory_format=case.memory_format)
@@ -209,7 +209,7 @@ def check(speed_test: bool = True, device: Optional[str] = None, out=None) -> bo
         failed += not passed
         print(f"  {'ok  ' if passed else 'FAIL'} {case}  {detail}", file=out)
     if device.type == "cuda":
-        print(f"  {'direct launch':<14} {environment.direct_launch_state()}", file=out)
+        print(f"  direct launch after the cases: {environment.direct_launch_state()}", file=out)
         if speed_test:
             speed(out)
     else:
