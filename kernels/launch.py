@@ -57,8 +57,6 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 VALIDATED_TRITON_VERSIONS = ("3.6",)
 
 
-
-
 def direct_launches(setting: str, triton_version: str, interpreting: bool,
                     hip: bool) -> tuple[str, str]:
     """(mode, why): mode "on" (direct launches trusted), "prove" (each kernel variant proves
@@ -198,8 +196,8 @@ class CachedLaunch:
             self._compile(key, bind(), tensors, floats)
         else:
             bound = bind()
-            proved = self._provable(tensors) and self._prove(entry, key[0], bound, tensors,
-                                                             floats)
+            proved = (self._prove(entry, key[0], bound, tensors, floats)
+                      if self._provable(tensors) else None)
             if proved:
                 self._compiled[key] = entry  # direct from the next call on
             elif proved is None:
@@ -207,15 +205,13 @@ class CachedLaunch:
             self._through_triton(bound, tensors, floats)
 
     @staticmethod
-    def _provable(tensors) -> Optional[bool]:
-        """None unless this call can carry a proof: aligned tensors, small enough to copy, and
-        no CUDA graph being captured (the comparison waits for the GPU)."""
+    def _provable(tensors) -> bool:
+        """Whether this call can carry a proof: aligned tensors, small enough to copy, and no
+        CUDA graph being captured (the comparison waits for the GPU)."""
         unique = {id(tensor): tensor for tensor in tensors}.values()
-        if (all(tensor.data_ptr() % 16 == 0 for tensor in unique)
+        return (all(tensor.data_ptr() % 16 == 0 for tensor in unique)
                 and sum(tensor.nbytes for tensor in unique) <= PROOF_MAX_BYTES
-                and not (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing())):
-            return True
-        return None
+                and not (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()))
 
     def _prove(self, entry, device, bound: Launch, tensors, floats) -> Optional[bool]:
         """Launch Triton's path and the direct path on two copies of the call's tensors, and
