@@ -418,3 +418,30 @@ def test_direct_launches_match_tritons_own_path(monkeypatch):
             assert not through_triton, "a cached call took Triton's path"
             for a, b in zip(got, expected, strict=True):
                 assert torch.equal(a, b), (shape, dtype, activation, training, affine, residual)
+
+
+@gpu_only
+def test_proofs_pass_on_the_real_kernels(monkeypatch):
+    """On this GPU's Triton, as on a version not validated: every kernel variant's proof
+    passes, and the calls after it launch directly with Triton's path's results."""
+    cases = itertools.product((((6, 5, 7, 3), "channels_last"), ((33, 70), "contiguous")),
+                              (torch.bfloat16, torch.float32), ("relu", "silu"), (True, False))
+    monkeypatch.setattr(launch, "PROVE_LAUNCHES", True)
+    for launcher in launch.LAUNCHERS:  # no variant trusted from earlier tests
+        monkeypatch.setattr(launcher, "_compiled", {})
+        monkeypatch.setattr(launcher, "_unproven", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DirectLaunchFallbackWarning)
+        for (shape, layout), dtype, activation, training in cases:
+            x = make_input(shape, dtype, layout)
+            args = (x, torch.randn_like(x), torch.randn_like(x), make_params(shape[1], dtype),
+                    activation, training)
+            monkeypatch.setattr(launch, "LAUNCH_DIRECTLY", False)
+            expected = _bn_act_results(*args)
+            monkeypatch.setattr(launch, "LAUNCH_DIRECTLY", True)
+            proven = sum(launcher.proven for launcher in launch.LAUNCHERS)
+            for _ in range(3):  # compile, prove, launch directly
+                got = _bn_act_results(*args)
+            assert sum(launcher.proven for launcher in launch.LAUNCHERS) > proven
+            for a, b in zip(got, expected, strict=True):
+                assert torch.equal(a, b), (shape, dtype, activation, training)
