@@ -88,15 +88,18 @@ def run_case(case: Case, device: torch.device) -> tuple[bool, str]:
 
     expected = run(_eager, torch.float64, "cpu")
     eager = run(_eager, case.dtype, device)
-    ours = run(bn_act, case.dtype, device)
+    # On a GPU three calls: the first compiles, the second may prove the direct launch path
+    # (kernels/launch.py), the third may take it.
+    runs = [run(bn_act, case.dtype, device) for _ in range(3 if device.type == "cuda" else 1)]
     eps = torch.finfo(case.dtype).eps
     worst, worst_name = -1.0, ""
     for name, exact in expected.items():
         floor = 16 * eps * (exact.abs().max().item() + 1)
         tolerance = 2 * (eager[name] - exact).abs().max().item() + floor
-        ratio = (ours[name] - exact).abs().max().item() / tolerance
-        if not ratio <= worst:  # NaN counts as the worst
-            worst, worst_name = ratio, name
+        for ours in runs:
+            ratio = (ours[name] - exact).abs().max().item() / tolerance
+            if not ratio <= worst:  # NaN counts as the worst
+                worst, worst_name = ratio, name
     return worst <= 1, f"worst {worst_name}: {worst:.2f} of its tolerance"
 
 
