@@ -60,9 +60,18 @@ class _JitFunction:
 def direct(monkeypatch):
     """The direct launch path, on a stand-in driver."""
     monkeypatch.setattr(launch, "LAUNCH_DIRECTLY", True)
+    monkeypatch.setattr(launch, "PROVE_LAUNCHES", False)
     stand_in = SimpleNamespace(get_current_device=lambda: 0,
                                get_current_stream=lambda device: 1234)
     monkeypatch.setattr(launch, "driver", SimpleNamespace(active=stand_in))
+
+
+@pytest.fixture
+def proving(direct, monkeypatch):
+    """The direct launch path on a Triton version not validated: variants prove themselves."""
+    monkeypatch.setattr(launch, "PROVE_LAUNCHES", True)
+    monkeypatch.setattr(launch, "LAUNCH_MODE_WHY",
+                        launch.direct_launches("", "3.9.0", False, False)[1])
 
 
 def bind(grid=(3, 2), block=64):
@@ -159,18 +168,20 @@ def test_launcher_keys_separate_what_triton_specialises_on(monkeypatch):
 
 
 @pytest.mark.parametrize("setting, version, interpreting, hip, expected", [
-    ("", "3.6.0", False, False, True),
-    ("", "3.6.1+git0123abc", False, False, True),  # a patch release of a validated minor
-    ("", "3.9.0", False, False, False),  # compiled offline only: never run on a GPU
-    ("", "3.60.0", False, False, False),
-    ("", "4.0.0", False, False, False),
-    ("0", "3.6.0", False, False, False),
-    ("1", "3.9.0", False, False, True),  # how a GPU run validates a new version
-    ("1", "3.9.0", True, False, False),  # the interpreter has no compiled kernels to launch
-    ("1", "3.6.0", False, True, False),  # AMD specialises on more than the cache keys hold
+    ("", "3.6.0", False, False, "on"),
+    ("", "3.6.1+git0123abc", False, False, "on"),  # a patch release of a validated minor
+    ("", "3.7.1", False, False, "prove"),  # torch 2.13's: never run directly on a GPU yet
+    ("", "3.60.0", False, False, "prove"),
+    ("", "4.0.0", False, False, "prove"),
+    ("0", "3.6.0", False, False, "off"),
+    ("1", "3.9.0", False, False, "on"),  # how a GPU run validates a new version
+    ("1", "3.9.0", True, False, "off"),  # the interpreter has no compiled kernels to launch
+    ("1", "3.6.0", False, True, "off"),  # AMD specialises on more than the cache keys hold
 ])
-def test_direct_launches_only_where_validated(setting, version, interpreting, hip, expected):
-    assert launch.direct_launches(setting, version, interpreting, hip) is expected
+def test_direct_launches_trusted_only_where_validated(setting, version, interpreting, hip,
+                                                      expected):
+    mode, why = launch.direct_launches(setting, version, interpreting, hip)
+    assert mode == expected and why
 
 
 def test_a_bad_switch_value_is_an_error():
@@ -192,12 +203,14 @@ def _fresh_launch_module(monkeypatch, triton_version, setting=None):
     return module
 
 
-@pytest.mark.parametrize("triton_version, setting, direct", [
-    ("3.6.0", None, True), ("3.9.0", None, False), ("3.6.0", "0", False), ("3.9.0", "1", True)])
+@pytest.mark.parametrize("triton_version, setting, through_triton, direct", [
+    ("3.6.0", None, 1, 2), ("3.6.0", "0", 3, 0), ("3.9.0", "1", 1, 2),
+    # compiled; proved (each path on copies) and launched through Triton; direct
+    ("3.9.0", None, 3, 2)])
 def test_the_switch_and_the_version_decide_at_import(monkeypatch, triton_version, setting,
-                                                     direct):
+                                                     through_triton, direct):
     fresh = _fresh_launch_module(monkeypatch, triton_version, setting)
-    assert fresh.LAUNCH_DIRECTLY is direct
+    assert fresh.LAUNCH_DIRECTLY is (direct > 0)
     stand_in = SimpleNamespace(get_current_device=lambda: 0,
                                get_current_stream=lambda device: 1234)
     monkeypatch.setattr(fresh, "driver", SimpleNamespace(active=stand_in))
@@ -205,8 +218,8 @@ def test_the_switch_and_the_version_decide_at_import(monkeypatch, triton_version
     kernel = fresh.CachedLaunch(jit_fn)
     for _ in range(3):
         kernel.launch("a", (torch.randn(64),), (1e-5,), bind())
-    assert len(jit_fn.compiled) == (1 if direct else 3)
-    assert len(jit_fn.kernel.launches) == (2 if direct else 0)
+    assert len(jit_fn.compiled) == through_triton
+    assert len(jit_fn.kernel.launches) == direct
 
 
 def _launch_recording_warnings(kernel, calls, x):
@@ -247,6 +260,114 @@ def test_a_compiled_kernel_that_cannot_be_read_falls_back(direct):
     caught = _launch_recording_warnings(kernel, 3, torch.randn(64))
     assert len(caught) == 1 and "TypeError" in str(caught[0].message)
     assert len(jit_fn.compiled) == 3 and not jit_fn.kernel.launches
+
+
+class _AccumulatingKernel(_CompiledKernel):
+    """Adds 2 x + n + eps into out, as the stand-in JIT function's Triton path does; `wrong`
+    leaves n out, as a launcher handed its arguments in another order might."""
+
+    def __init__(self, wrong=False):
+        super().__init__()
+        self.wrong = wrong
+
+    def run(self, *args):
+        super().run(*args)
+        x, out, n, eps = args[9:13]
+        out.add_(2 * x + (0 if self.wrong else n) + eps)
+
+
+class _AccumulatingJit(_JitFunction):
+    params = [SimpleNamespace(name=name, is_constexpr=name.isupper())
+              for name in ("x_ptr", "out_ptr", "n", "eps", "BLOCK", "ACC")]
+
+    def __getitem__(self, grid):
+        def compile_and_launch(x, out, n, eps, **kwargs):
+            self.compiled.append((x, out))
+            out.add_(2 * x + n + eps)
+            return self.kernel
+        return compile_and_launch
+
+
+def _accumulate(kernel, x, out, calls):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(calls):
+            kernel.launch("a", (x, out), (0.5,), bind())
+    return [w for w in caught if issubclass(w.category, DirectLaunchFallbackWarning)]
+
+
+def test_a_variant_proves_itself_on_copies_then_launches_directly(proving):
+    jit_fn = _AccumulatingJit(_AccumulatingKernel())
+    kernel = CachedLaunch(jit_fn)
+    x, out = torch.randn(64), torch.zeros(64)
+    x_before = x.clone()
+    assert not _accumulate(kernel, x, out, 2)
+    # The first call compiled; the second launched each path on copies of (x, out), then
+    # itself through Triton.
+    (x0, out0), (x1, out1), (x2, out2) = jit_fn.compiled
+    assert x0 is x and out0 is out and x2 is x and out2 is out
+    assert x1 is not x and out1 is not out and torch.equal(x1, x)
+    assert len(jit_fn.kernel.launches) == 1 and jit_fn.kernel.launches[0][9] is not x
+    assert kernel.proven == 1
+    assert not _accumulate(kernel, x, out, 2)  # direct now, with no further proof
+    assert len(jit_fn.compiled) == 3 and len(jit_fn.kernel.launches) == 3
+    # The caller's tensors saw exactly one launch per call; x is only read.
+    torch.testing.assert_close(out, 4 * (2 * x + 100 + 0.5))
+    assert torch.equal(x, x_before)
+
+
+def test_a_variant_that_fails_its_proof_stays_on_tritons_path(proving):
+    jit_fn = _AccumulatingJit(_AccumulatingKernel(wrong=True))
+    kernel = CachedLaunch(jit_fn)
+    x, out = torch.randn(64), torch.zeros(64)
+    caught = _accumulate(kernel, x, out, 4)
+    assert len(caught) == 1 and "differ from Triton's launch" in str(caught[0].message)
+    assert kernel.proven == 0 and len(jit_fn.kernel.launches) == 1  # on the copies only
+    torch.testing.assert_close(out, 4 * (2 * x + 100 + 0.5))
+    assert "on Triton's own path after a failure: stand_in_kernel" in \
+        launch.direct_launch_state()
+
+
+def test_a_proof_waits_for_a_call_small_enough_to_copy(proving, monkeypatch):
+    jit_fn = _AccumulatingJit(_AccumulatingKernel())
+    kernel = CachedLaunch(jit_fn)
+    x, out = torch.randn(64), torch.zeros(64)
+    monkeypatch.setattr(launch, "PROOF_MAX_BYTES", 2 * 64 * 4 - 1)
+    _accumulate(kernel, x, out, 3)
+    assert len(jit_fn.compiled) == 3 and not jit_fn.kernel.launches and kernel.proven == 0
+    monkeypatch.setattr(launch, "PROOF_MAX_BYTES", 2 * 64 * 4)
+    assert CachedLaunch._provable((x, out, x))  # a tensor passed twice is copied once
+    _accumulate(kernel, x, out, 2)
+    assert kernel.proven == 1 and len(jit_fn.kernel.launches) == 2
+    torch.testing.assert_close(out, 5 * (2 * x + 100 + 0.5))
+
+
+def test_a_proof_that_runs_out_of_memory_waits_for_another_call(proving, monkeypatch):
+    jit_fn = _AccumulatingJit(_AccumulatingKernel())
+    kernel = CachedLaunch(jit_fn)
+    x, out = torch.randn(64), torch.zeros(64)
+    copies = launch._copies
+
+    def out_of_memory(tensors):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(launch, "_copies", out_of_memory)
+    assert not _accumulate(kernel, x, out, 3)
+    assert kernel.proven == 0 and not jit_fn.kernel.launches
+    monkeypatch.setattr(launch, "_copies", copies)
+    _accumulate(kernel, x, out, 2)
+    assert kernel.proven == 1 and len(jit_fn.kernel.launches) == 2
+    torch.testing.assert_close(out, 5 * (2 * x + 100 + 0.5))
+
+
+def test_copies_alias_as_the_originals_and_compare_bit_for_bit():
+    x = torch.randn(4, 6).t()  # not contiguous: copies keep the strides
+    x[0, 0] = float("nan")
+    a, b, c = launch._copies((x, x, torch.zeros(3)))
+    assert a is b and a.stride() == x.stride() and a.data_ptr() != x.data_ptr()
+    assert launch._same_bits(a, x)  # NaN in the same place
+    a[1, 1] = -0.0 if x[1, 1] == 0 else 0.0
+    c.fill_(-0.0)
+    assert not launch._same_bits(a, x) and not launch._same_bits(c, torch.zeros(3))
 
 
 def _bn_act_results(x, residual, dy, params, activation, training):
@@ -290,9 +411,37 @@ def test_direct_launches_match_tritons_own_path(monkeypatch):
             monkeypatch.setattr(launch, "LAUNCH_DIRECTLY", False)
             expected = _bn_act_results(*args)
             monkeypatch.setattr(launch, "LAUNCH_DIRECTLY", True)
+            monkeypatch.setattr(launch, "PROVE_LAUNCHES", False)
             _bn_act_results(*args)  # compiles, or finds it compiled
             through_triton.clear()
             got = _bn_act_results(*args)
             assert not through_triton, "a cached call took Triton's path"
             for a, b in zip(got, expected, strict=True):
                 assert torch.equal(a, b), (shape, dtype, activation, training, affine, residual)
+
+
+@gpu_only
+def test_proofs_pass_on_the_real_kernels(monkeypatch):
+    """On this GPU's Triton, as on a version not validated: every kernel variant's proof
+    passes, and the calls after it launch directly with Triton's path's results."""
+    cases = itertools.product((((6, 5, 7, 3), "channels_last"), ((33, 70), "contiguous")),
+                              (torch.bfloat16, torch.float32), ("relu", "silu"), (True, False))
+    monkeypatch.setattr(launch, "PROVE_LAUNCHES", True)
+    for launcher in launch.LAUNCHERS:  # no variant trusted from earlier tests
+        monkeypatch.setattr(launcher, "_compiled", {})
+        monkeypatch.setattr(launcher, "_unproven", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DirectLaunchFallbackWarning)
+        for (shape, layout), dtype, activation, training in cases:
+            x = make_input(shape, dtype, layout)
+            args = (x, torch.randn_like(x), torch.randn_like(x), make_params(shape[1], dtype),
+                    activation, training)
+            monkeypatch.setattr(launch, "LAUNCH_DIRECTLY", False)
+            expected = _bn_act_results(*args)
+            monkeypatch.setattr(launch, "LAUNCH_DIRECTLY", True)
+            proven = sum(launcher.proven for launcher in launch.LAUNCHERS)
+            for _ in range(3):  # compile, prove, launch directly
+                got = _bn_act_results(*args)
+            assert sum(launcher.proven for launcher in launch.LAUNCHERS) > proven
+            for a, b in zip(got, expected, strict=True):
+                assert torch.equal(a, b), (shape, dtype, activation, training)

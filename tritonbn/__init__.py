@@ -1,12 +1,15 @@
 """tritonbn: fused BatchNorm + activation for PyTorch, written in Triton."""
 from . import ops  # registers the tritonbn:: ops
+from ._version import __version__
 from .activations import SUPPORTED_ACTIVATIONS
 from .convert import fuse_bn_act
 from .dtypes import SUPPORTED_DTYPES
+from .environment import backend_for
 from .functional import bn_act
 from .modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from .selfcheck import check
 from .sync import SyncBatchNormAct, convert_sync_batchnorm
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "SUPPORTED_ACTIVATIONS",
-           "SUPPORTED_DTYPES", "SyncBatchNormAct", "bn_act", "convert_sync_batchnorm",
-           "fuse_bn_act", "ops"]
+           "SUPPORTED_DTYPES", "SyncBatchNormAct", "__version__", "backend_for", "bn_act",
+           "check", "convert_sync_batchnorm", "fuse_bn_act", "ops"]
