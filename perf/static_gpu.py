@@ -247,8 +247,8 @@ def regressions(committed: list[dict], rows: list[dict]) -> list[str]:
             now = widths(new[column])
             for tensor, bits in widths(old[column]).items():
                 if now.get(tensor, 0) < bits:
-                    problems.append(f"{key}: {column} of {tensor} {bits} -> "
-                                    f"{now.get(tensor, 'none')} bits")
+                    problems.append(f"{key}: {column} of {tensor} {bits} bits -> "
+                                    + (f"{now[tensor]} bits" if tensor in now else "none"))
     return problems
 
 

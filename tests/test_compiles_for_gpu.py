@@ -15,6 +15,7 @@ fails on a spill the table does not record, or on a load or store of x, dy, y, d
 narrower than the table records.
 """
 import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -56,6 +57,21 @@ def test_static_table_holds_for_sm90():
     out = run_script(PERF / "static_gpu.py", "--check", PERF / "static_h100.csv", "--shapes",
                      "64x56x56,2048x7x7")
     assert "launches hold the widths and spills" in out
+
+
+def test_static_check_fails_on_a_spill_or_a_narrower_access(monkeypatch):
+    monkeypatch.syspath_prepend(str(PERF))
+    static_gpu = importlib.import_module("static_gpu")
+    committed = [dict(shape="128x64x56x56", dtype="bfloat16", layout="channels_last",
+                      residual="False", kernel="dx_kernel", spill_bytes="0",
+                      loads="dy:128 x:128", stores="dx:128", **{"pass": "train_bwd"})]
+    assert static_gpu.regressions(committed, committed) == []
+    for change, problem in (({"spill_bytes": "8"}, "spill_bytes 0 -> 8"),
+                            ({"loads": "dy:128 x:64"}, "loads of x 128 bits -> 64 bits"),
+                            ({"stores": ""}, "stores of dx 128 bits -> none")):
+        [found] = static_gpu.regressions(committed, [{**committed[0], **change}])
+        assert found.endswith(problem)
+    assert static_gpu.regressions(committed, []) == []  # a layer the check did not compile
 
 
 def test_static_table_covers_resnet50():
