@@ -159,25 +159,22 @@ def fmt_counts(counts: collections.Counter) -> str:
 def kernel_facts(compiled, sass: bool) -> dict:
     """The columns that depend on the compiled variant alone (the SASS ones empty unless
     sass)."""
-    usage, sass = read_cubin(compiled.kernel.asm["cubin"], sass)
+    usage, accesses = read_cubin(compiled.kernel.asm["cubin"], sass)
     loads, stores = tensor_widths(compiled)
     smem = compiled.kernel.metadata.shared + usage["SHARED"]
     return dict(regs=usage["REG"], spill_bytes=usage["STACK"] + usage["LOCAL"],
-                local_ops=sum(sass["LDL"].values()) + sum(sass["STL"].values()),
+                local_ops=sum(accesses["LDL"].values()) + sum(accesses["STL"].values()),
                 smem_bytes=smem, loads=loads, stores=stores,
-                sass_loads=fmt_counts(sass["LDG"]), sass_stores=fmt_counts(sass["STG"]),
+                sass_loads=fmt_counts(accesses["LDG"]), sass_stores=fmt_counts(accesses["STG"]),
                 per_sm=programs_per_sm(usage["REG"], compiled.kernel.metadata.num_warps, smem))
 
 
 def layer_passes(launches, shape, dtype, layout, residual) -> dict:
     """{pass: its launches} of a BatchNormAct2d with ReLU and momentum 0.1 on shape, taken from
     launches, the list launches_compiled yields, which it leaves empty."""
-    def empty(*size, dtype=torch.float32, memory_format=torch.contiguous_format):
-        return torch.empty(size, dtype=dtype).contiguous(memory_format=memory_format)
-    C = shape[1]
-    x, dy = (empty(*shape, dtype=dtype, memory_format=layout) for _ in range(2))
-    r = empty(*shape, dtype=dtype, memory_format=layout) if residual else None
-    weight, bias, running_mean, running_var = (empty(C) for _ in range(4))
+    x, dy = (torch.empty(shape, dtype=dtype, memory_format=layout) for _ in range(2))
+    r = torch.empty(shape, dtype=dtype, memory_format=layout) if residual else None
+    weight, bias, running_mean, running_var = (torch.empty(shape[1]) for _ in range(4))
     tracked = torch.zeros((), dtype=torch.int64)
     passes = {}
     mean, var = kernels.batch_stats(x, running_mean, running_var, 0.1, tracked)
@@ -190,12 +187,12 @@ def layer_passes(launches, shape, dtype, layout, residual) -> dict:
     return passes
 
 
-def static_rows(chw=RESNET50_CHW, sass=True) -> list[dict]:
+def static_rows(layers=RESNET50_CHW, sass=True) -> list[dict]:
     """The table's rows for the layers of the given (C, H, W); sass: with the columns read from
     the SASS."""
     rows, facts = [], {}
     with launches_compiled(["sm_90"], sms=H100_SMS) as launches:
-        for chw, (dtype, layout), residual in itertools.product(chw, FORMATS, (False, True)):
+        for chw, (dtype, layout), residual in itertools.product(layers, FORMATS, (False, True)):
             shape = (BATCH, *chw)
             for name, compiled_launches in layer_passes(launches, shape, dtype, layout,
                                                         residual).items():
@@ -222,7 +219,7 @@ def row(compiled, shape, dtype, layout, residual, name, facts, sass) -> dict:
                    "stores": fmt_widths(kernel["stores"])})
 
 
-def widths(text: str) -> dict:
+def parse_widths(text: str) -> dict:
     """fmt_widths' inverse."""
     return {tensor: int(bits) for tensor, bits in (item.split(":") for item in text.split())}
 
@@ -244,8 +241,8 @@ def regressions(committed: list[dict], rows: list[dict]) -> list[str]:
         if int(new["spill_bytes"]) > int(old["spill_bytes"]):
             problems.append(f"{key}: spill_bytes {old['spill_bytes']} -> {new['spill_bytes']}")
         for column in ("loads", "stores"):
-            now = widths(new[column])
-            for tensor, bits in widths(old[column]).items():
+            now = parse_widths(new[column])
+            for tensor, bits in parse_widths(old[column]).items():
                 if now.get(tensor, 0) < bits:
                     problems.append(f"{key}: {column} of {tensor} {bits} bits -> "
                                     + (f"{now[tensor]} bits" if tensor in now else "none"))
