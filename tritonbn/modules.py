@@ -3,11 +3,17 @@ an optional residual added before the activation.
 
 They subclass the PyTorch modules, so state_dict keys, train/eval, num_batches_tracked,
 momentum=None, track_running_stats=False and affine=False behave as there.
+
+Their forward is one call of ``run_layer``, which torch.fx records as a single node taking the
+layer itself: a traced model runs the kernels, and reads the layer's mode when it runs, not
+when it was traced. ``torch.jit.script`` compiles ``ScriptableBatchNormAct`` in their place.
 """
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
+from . import composite
 from .activations import activation_kwargs as full_activation_kwargs
 from .activations import activation_spec
 from .functional import check_inputs, forward_checked
@@ -44,23 +50,60 @@ class _BatchNormActMixin:
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """activation(batch_norm(input) + residual); residual: None, or a tensor of input's
         shape, dtype and device, in any layout."""
+        return run_layer(self, input, residual)
+
+    def _bn_act(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
         # nn.BatchNorm's forward, with every check ahead of any state change, and the
         # num_batches_tracked update (and momentum=None's 1 / num_batches_tracked) left to
         # the statistics kernel on the device.
         self._check_input_dim(input)
         spec = self._activation_spec()
         weight, bias = _fetch(self, self._parameters, "weight", "bias")
-        running_mean, running_var, tracked = _fetch(self, self._buffers, "running_mean",
-                                                    "running_var", "num_batches_tracked")
-        training = self.training
-        bn_training = training or (running_mean is None and running_var is None)
-        if not training:
-            tracked = None
-        elif not self.track_running_stats:
-            running_mean = running_var = tracked = None
-        check_inputs(input, running_mean, running_var, weight, bias, bn_training, residual)
+        bn_training, running_mean, running_var, tracked = layer_statistics(
+            self.training, self.track_running_stats,
+            *_fetch(self, self._buffers, "running_mean", "running_var", "num_batches_tracked"))
+        check_layer_inputs(self, input, running_mean, running_var, weight, bias, bn_training,
+                           residual)
         return forward_checked(input, running_mean, running_var, weight, bias, bn_training,
                                self.momentum, self.eps, spec, tracked, residual)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What torch.jit.script compiles instead of this layer."""
+        return ScriptableBatchNormAct(self)
+
+
+@torch.fx.wrap
+def run_layer(layer: nn.Module, input: Tensor, residual: Optional[Tensor]) -> Tensor:
+    """layer's forward. torch.fx does not trace into it (its checks would branch on traced
+    values) but records the call, with the layer as an argument."""
+    return layer._bn_act(input, residual)
+
+
+def layer_statistics(training: bool, track_running_stats: bool, running_mean: Optional[Tensor],
+                     running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor]
+                     ) -> tuple[bool, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(bn_training, running_mean, running_var, num_batches_tracked) as nn.BatchNorm's forward
+    passes them to batch_norm in a layer's current mode; the count only where it counts."""
+    bn_training = training or (running_mean is None and running_var is None)
+    if not training:
+        return bn_training, running_mean, running_var, None
+    if not track_running_stats:
+        return bn_training, None, None, None
+    return bn_training, running_mean, running_var, num_batches_tracked
+
+
+def check_layer_inputs(layer: nn.Module, input: Tensor, running_mean: Optional[Tensor],
+                       running_var: Optional[Tensor], weight: Optional[Tensor],
+                       bias: Optional[Tensor], training: bool, residual: Optional[Tensor]):
+    """functional.check_inputs, whose error for a wrong channel count names the layer's."""
+    try:
+        check_inputs(input, running_mean, running_var, weight, bias, training, residual)
+    except ValueError as error:
+        if input.dim() < 2 or input.shape[1] == layer.num_features:
+            raise
+        raise ValueError(f"{type(layer).__name__} expects input with num_features="
+                         f"{layer.num_features} channels, got {input.shape[1]} channels "
+                         f"(input shape {tuple(input.shape)})") from error
 
 
 def _fetch(module, registered: dict, *names):
@@ -71,13 +114,60 @@ def _fetch(module, registered: dict, *names):
             for name in names]
 
 
+class ScriptableBatchNormAct(nn.Module):
+    """A BatchNormAct layer as TorchScript compiles it: the same parameters and buffers (shared,
+    not copied), the same mode, computed on the composite path (tritonbn.composite). A scripted
+    SyncBatchNormAct computes as this too, without synchronisation."""
+
+    momentum: Optional[float]
+    max_dim: Optional[int]
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        for name, param in layer._parameters.items():
+            self.register_parameter(name, param)
+        for name, buffer in layer._buffers.items():
+            self.register_buffer(name, buffer,
+                                 persistent=name not in layer._non_persistent_buffers_set)
+        self.num_features, self.eps, self.momentum = layer.num_features, layer.eps, layer.momentum
+        self.track_running_stats = layer.track_running_stats
+        self.act = _ACTIVATION_MODULES[layer.activation](**layer.activation_kwargs)
+        self.min_dim, self.max_dim = layer._input_dims
+        self.train(layer.training)
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        max_dim = self.max_dim
+        if input.dim() < self.min_dim or (max_dim is not None and input.dim() > max_dim):
+            raise ValueError(f"expected {self.min_dim}D to {max_dim}D input "
+                             f"(got {input.dim()}D input)")
+        bn_training, running_mean, running_var, tracked = layer_statistics(
+            self.training, self.track_running_stats, self.running_mean, self.running_var,
+            self.num_batches_tracked)
+        return self.act(composite.batch_norm(input, running_mean, running_var, self.weight,
+                                             self.bias, bn_training, self.momentum, self.eps,
+                                             tracked, residual))
+
+
+# Activation name -> the nn module computing it, whose arguments are its activation_kwargs.
+_ACTIVATION_MODULES = {
+    "identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU, "silu": nn.SiLU, "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid,
+    "gelu": nn.GELU, "mish": nn.Mish, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+
+
 class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
     """nn.BatchNorm1d + activation over (N, C) or (N, C, L) input."""
+
+    _input_dims = (2, 3)
 
 
 class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
     """nn.BatchNorm2d + activation over (N, C, H, W) input."""
 
+    _input_dims = (4, 4)
+
 
 class BatchNormAct3d(_BatchNormActMixin, nn.BatchNorm3d):
     """nn.BatchNorm3d + activation over (N, C, D, H, W) input."""
+
+    _input_dims = (5, 5)
