@@ -6,7 +6,7 @@ momentum=None, track_running_stats=False and affine=False behave as there.
 
 Their forward is one call of ``run_layer``, which torch.fx records as a single node taking the
 layer itself: a traced model runs the kernels, and reads the layer's mode when it runs, not
-when it was traced. ``torch.jit.script`` compiles ``ScriptableBatchNormAct`` in their place.
+when it was traced. TorchScript compiles the composite path instead (``_scripted_forward``).
 """
 from typing import Optional
 
@@ -33,6 +33,7 @@ class _BatchNormActMixin:
         self.activation = activation
         self.activation_kwargs = full_kwargs
         self._spec = (activation, dict(full_kwargs), activation_spec(activation, full_kwargs))
+        self._activation_code, self._activation_param = self._spec[2]
 
     def extra_repr(self) -> str:
         kwargs = "".join(f", {key}={value!r}" for key, value in self.activation_kwargs.items())
@@ -45,11 +46,14 @@ class _BatchNormActMixin:
         if name != self.activation or kwargs != self.activation_kwargs:
             spec = activation_spec(self.activation, self.activation_kwargs)
             self._spec = (self.activation, dict(self.activation_kwargs), spec)
+            self._activation_code, self._activation_param = spec
         return spec
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """activation(batch_norm(input) + residual); residual: None, or a tensor of input's
         shape, dtype and device, in any layout."""
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input, residual)
         return run_layer(self, input, residual)
 
     def _bn_act(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
@@ -68,8 +72,19 @@ class _BatchNormActMixin:
                                self.momentum, self.eps, spec, tracked, residual)
 
     def __prepare_scriptable__(self) -> nn.Module:
-        """What torch.jit.script compiles instead of this layer."""
-        return ScriptableBatchNormAct(self)
+        self._activation_spec()  # the activation attributes TorchScript reads, up to date
+        return self
+
+    def _scripted_forward(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
+        """forward as TorchScript compiles it: nn.BatchNorm's checks, then the composite path
+        (a scripted SyncBatchNormAct does not synchronise)."""
+        self._check_input_dim(input)
+        bn_training, running_mean, running_var, tracked = layer_statistics(
+            self.training, self.track_running_stats, self.running_mean, self.running_var,
+            self.num_batches_tracked)
+        z = composite.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                 bn_training, self.momentum, self.eps, tracked, residual)
+        return composite.scripted_activation(z, self._activation_code, self._activation_param)
 
 
 @torch.fx.wrap
@@ -114,60 +129,13 @@ def _fetch(module, registered: dict, *names):
             for name in names]
 
 
-class ScriptableBatchNormAct(nn.Module):
-    """A BatchNormAct layer as TorchScript compiles it: the same parameters and buffers (shared,
-    not copied), the same mode, computed on the composite path (tritonbn.composite). A scripted
-    SyncBatchNormAct computes as this too, without synchronisation."""
-
-    momentum: Optional[float]
-    max_dim: Optional[int]
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        for name, param in layer._parameters.items():
-            self.register_parameter(name, param)
-        for name, buffer in layer._buffers.items():
-            self.register_buffer(name, buffer,
-                                 persistent=name not in layer._non_persistent_buffers_set)
-        self.num_features, self.eps, self.momentum = layer.num_features, layer.eps, layer.momentum
-        self.track_running_stats = layer.track_running_stats
-        self.act = _ACTIVATION_MODULES[layer.activation](**layer.activation_kwargs)
-        self.min_dim, self.max_dim = layer._input_dims
-        self.train(layer.training)
-
-    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        max_dim = self.max_dim
-        if input.dim() < self.min_dim or (max_dim is not None and input.dim() > max_dim):
-            raise ValueError(f"expected {self.min_dim}D to {max_dim}D input "
-                             f"(got {input.dim()}D input)")
-        bn_training, running_mean, running_var, tracked = layer_statistics(
-            self.training, self.track_running_stats, self.running_mean, self.running_var,
-            self.num_batches_tracked)
-        return self.act(composite.batch_norm(input, running_mean, running_var, self.weight,
-                                             self.bias, bn_training, self.momentum, self.eps,
-                                             tracked, residual))
-
-
-# Activation name -> the nn module computing it, whose arguments are its activation_kwargs.
-_ACTIVATION_MODULES = {
-    "identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "leaky_relu": nn.LeakyReLU,
-    "elu": nn.ELU, "silu": nn.SiLU, "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid,
-    "gelu": nn.GELU, "mish": nn.Mish, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
-
-
 class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
     """nn.BatchNorm1d + activation over (N, C) or (N, C, L) input."""
-
-    _input_dims = (2, 3)
 
 
 class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
     """nn.BatchNorm2d + activation over (N, C, H, W) input."""
 
-    _input_dims = (4, 4)
-
 
 class BatchNormAct3d(_BatchNormActMixin, nn.BatchNorm3d):
     """nn.BatchNorm3d + activation over (N, C, D, H, W) input."""
-
-    _input_dims = (5, 5)

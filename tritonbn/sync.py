@@ -194,8 +194,6 @@ class SyncBatchNormAct(_BatchNormActMixin, _BatchNorm):
     _check_input_dim = nn.SyncBatchNorm._check_input_dim
     _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
-    _input_dims = (2, None)  # the scripted twin's checks (modules.ScriptableBatchNormAct)
-
     def _bn_act(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
