@@ -82,11 +82,15 @@ def forward_checked(input: Tensor, running_mean: Optional[Tensor], running_var: 
         return input.clone() if residual is None else input + residual
     code, param = activation
     if torch.compiler.is_compiling():  # the registered ops: traceable, no graph break
-        if training and torch.compiler.is_exporting():
-            # A training graph exports as nn.BatchNorm's: the statistics op mutates buffers,
-            # which export cannot decompose to core ATen.
-            return composite.bn_act(input, running_mean, running_var, weight, bias, training,
-                                    momentum, eps, code, param, num_batches_tracked, residual)
+        if torch.compiler.is_exporting():
+            if training:
+                # A training graph exports as nn.BatchNorm's: the statistics op mutates
+                # buffers, which export cannot decompose to core ATen.
+                return composite.bn_act(input, running_mean, running_var, weight, bias,
+                                        training, momentum, eps, code, param,
+                                        num_batches_tracked, residual)
+            if not torch.compiler.is_dynamo_compiling():  # strict export: see there
+                ops.register_export_decomposition()
         mean, var = running_mean, running_var
         if training:
             mean, var = ops.batch_stats(input.detach(), running_mean, running_var,

@@ -10,10 +10,11 @@
   backward is ``normalize_act_backward``.
 
 The mutation lives in an op of its own because torch.library registers autograd only for
-functional ops. ``normalize_act`` also has a CompositeImplicitAutograd decomposition into PyTorch
-ops (tritonbn.composite), which only export's decompositions take: ``ep.run_decompositions()``
-gives core ATen, and the ONNX exporter translates that; torch.compile and plain torch.export
-keep the op. torch.compile traces these ops; eager calls take EagerBatchNormAct below, the
+functional ops. Once a graph is exported, ``normalize_act`` also has a CompositeImplicitAutograd
+decomposition into PyTorch ops (tritonbn.composite), which only export's decompositions take:
+``ep.run_decompositions()`` gives core ATen, and the ONNX exporter translates that;
+torch.compile and plain torch.export keep the op (register_export_decomposition).
+torch.compile traces these ops; eager calls take EagerBatchNormAct below, the
 same launchers without the dispatcher's per-call cost. Where the kernels are compiled for a GPU
 the ops are ``torch.library.triton_op``s: torch.compile traces into them, and Inductor launches
 the kernels from its own code, without a dispatch per op. Under Triton's interpreter (tracing a
@@ -22,7 +23,8 @@ they are ``custom_op``s, which torch.compile calls as opaque functions. Both run
 bodies. CUDA tensors run the Triton kernels.
 CPU tensors run the same kernels through Triton's interpreter when TRITON_INTERPRET=1 was set
 before triton was imported, and the PyTorch reference otherwise (also where Triton is not
-installed). Tensors whose spatial dims do not collapse into one stride
+installed); eager calls on such CPU tensors do not come here but take PyTorch's native ops
+(tritonbn.composite). Tensors whose spatial dims do not collapse into one stride
 (``tritonbn.layout.strides_ncs``) are copied to contiguous first; every layout PyTorch names
 collapses.
 """
@@ -187,10 +189,32 @@ def _normalize_act_backward(ctx, dy):
 normalize_act.register_autograd(_normalize_act_backward, setup_context=_setup_context)
 
 
-@normalize_act._opoverload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)
-def _(x, mean, var, weight, bias, residual, eps, training, activation, activation_param):
-    # Export lists the op among its decomposable ones and keeps it while tracing; every other
-    # tracer asks here too (torch.compile's included), and is told to keep the op.
+_export_decomposition_registered = False
+
+
+def register_export_decomposition() -> None:
+    """Gives normalize_act a CompositeImplicitAutograd kernel (Python dispatcher only) that
+    returns the composite computation while torch.export decomposes, so that
+    ``ep.run_decompositions()`` and the ONNX exporter find it in their default table.
+
+    Called the first time a graph is exported, not at import: Inductor builds its own table of
+    decompositions once, from the same source, and an op found there cannot fall back to its
+    kernels. Inductor's table is built first, here, so torch.compile keeps calling the op.
+    An export with strict=True traces with Dynamo, which cannot run this: call it beforehand.
+    """
+    global _export_decomposition_registered
+    if _export_decomposition_registered:
+        return
+    import torch._inductor.decomposition  # noqa: F401  (its table, without this op)
+    normalize_act._opoverload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(
+        _decomposed_normalize_act)
+    _export_decomposition_registered = True
+
+
+def _decomposed_normalize_act(x, mean, var, weight, bias, residual, eps, training, activation,
+                              activation_param):
+    # Every tracer asks an op with such a kernel for its decomposition; only export's
+    # decomposition pass is given one.
     if not torch.compiler.is_exporting():
         return NotImplemented
     if mean.dim() == 2:  # the shifted form
