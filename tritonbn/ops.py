@@ -55,7 +55,7 @@ TRITON_OPS = (HAS_TRITON and not INTERPRETING
 
 
 def runs_triton(x: Tensor) -> bool:
-    return x.is_cuda or (INTERPRETING and x.device.type == "cpu")
+    return x.is_cuda or (INTERPRETING and x.is_cpu)
 
 
 def backend(x: Tensor):
