@@ -202,6 +202,7 @@ def test_model_ensemble(training):
         torch.testing.assert_close(value, buffers_ref["bn." + name])
 
 
+@pytest.mark.slow
 def test_torch_export_keeps_the_op_and_decomposes_to_core_aten(tmp_path):
     """Plain export keeps tritonbn.normalize_act (for AOTInductor); run_decompositions() gives
     core ATen only, and the saved program loads and runs where tritonbn is not installed."""
@@ -251,6 +252,7 @@ def run_onnx(model, x, dynamo: bool):
     return torch.from_numpy(y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_onnx_export(dynamo):
     net = small_net().eval()
@@ -323,6 +325,7 @@ def test_create_feature_extractor_on_fused_model():
         assert_same_state(ours, theirs)
 
 
+@pytest.mark.slow
 def test_sync_batchnorm_act_outside_a_process_group():
     """SyncBatchNormAct as nn.SyncBatchNorm: eval scripts, traces and exports; training
     outside a process group traces and differentiates twice."""
