@@ -2,6 +2,7 @@
 batch_norm, in training (batch statistics) and eval (frozen statistics), plus gradcheck."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tritonbn
 from conftest import (ACTIVATION_CASES, DEVICE, LAYOUTS, case_id, float64_bn_act, make_input,
@@ -115,10 +116,24 @@ def test_gradcheck_float64(case, training, residual):
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
-def test_double_backward_raises():
-    """The hand-written backward has no backward of its own: create_graph must fail loudly."""
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_double_backward_matches_pytorch(training):
+    """create_graph=True (gradient penalties) gives gradients that differentiate again as
+    PyTorch's own, through the input, the parameters and the residual."""
     x = make_input((4, 3, 5), requires_grad=True)
-    m = tritonbn.BatchNormAct1d(3, activation="silu", device=DEVICE)
-    (dx,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
-        dx.sum().backward()
+    r = make_input((4, 3, 5), requires_grad=True)
+    ours = tritonbn.BatchNormAct1d(3, activation="silu", device=DEVICE).train(training)
+    bn = torch.nn.BatchNorm1d(3, device=DEVICE).train(training)
+    weight, bias, running_mean, running_var = make_params(3)
+    for m in (ours, bn):
+        m.load_state_dict({"weight": weight, "bias": bias, "running_mean": running_mean,
+                           "running_var": running_var, "num_batches_tracked": torch.tensor(0)})
+    results = []
+    for forward, params in ((lambda: ours(x, r), (ours.weight, ours.bias)),
+                            (lambda: F.silu(bn(x) + r), (bn.weight, bn.bias))):
+        grads = torch.autograd.grad(forward().square().sum(), (x, r) + params,
+                                    create_graph=True)
+        penalty = sum(g.square().sum() for g in grads)
+        results.append(torch.autograd.grad(penalty, (x, r) + params))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -35,9 +35,20 @@ def test_wrong_number_of_dims():
 
 
 def test_channel_count_mismatch():
+    """A layer names the channel count it expects and the input's."""
     m = tritonbn.BatchNormAct2d(3, device=DEVICE)
-    assert_rejected_without_state_change(m, make_input((2, 4, 3, 3)), ValueError,
-                                         "should contain 4 elements")
+    assert_rejected_without_state_change(
+        m, make_input((2, 4, 3, 3)), ValueError,
+        r"BatchNormAct2d expects input with num_features=3 channels, got 4 channels "
+        r"\(input shape \(2, 4, 3, 3\)\)")
+    sync = tritonbn.SyncBatchNormAct(5, device=DEVICE)
+    assert_rejected_without_state_change(sync, make_input((2, 4)), ValueError,
+                                         "num_features=5 channels, got 4")
+    with pytest.raises(ValueError, match="should contain 4 elements"):  # no layer to name
+        tritonbn.bn_act(make_input((2, 4)), *make_params(3)[2:], training=True)
+    # Without per-channel tensors nothing fixes the count, as in nn.BatchNorm.
+    free = tritonbn.BatchNormAct2d(3, affine=False, track_running_stats=False, device=DEVICE)
+    assert free(make_input((2, 4, 3, 3))).shape == (2, 4, 3, 3)
 
 
 def test_non_floating_dtype():

@@ -126,15 +126,21 @@ def test_triton_kernels_run_under_the_interpreter(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="checks the CPU path without the interpreter")
 def test_cpu_without_interpreter_runs_the_reference():
+    """Eager calls run PyTorch's native ops (the same bits as nn.BatchNorm1d + ReLU, no
+    reference launcher called); torch.compile runs the registered ops, on the reference."""
     script = ("import torch, tritonbn\n"
-              "from tritonbn import ops\n"
+              "from tritonbn import ops, reference\n"
               "assert not ops.INTERPRETING and not ops.runs_triton(torch.empty(1))\n"
               "m, ref = tritonbn.BatchNormAct1d(3), torch.nn.BatchNorm1d(3)\n"
-              "x = torch.randn(8, 3, 5)\n"
-              "torch.testing.assert_close(m(x), torch.relu(ref(x)))\n"
-              "torch.testing.assert_close(m.running_var, ref.running_var)\n"
+              "x = torch.randn(8, 3, 5, requires_grad=True)\n"
+              "launchers = reference.batch_stats, reference.normalize_act\n"
+              "reference.batch_stats = reference.normalize_act = None\n"
+              "y, y_ref = m(x), torch.relu(ref(x))\n"
+              "assert torch.equal(y, y_ref) and torch.equal(m.running_var, ref.running_var)\n"
+              "assert torch.equal(torch.autograd.grad(y, x, y)[0],\n"
+              "                   torch.autograd.grad(y_ref, x, y)[0])\n"
+              "reference.batch_stats, reference.normalize_act = launchers\n"
               # The registered ops' bodies run without autograd, the reference's backward too.
-              "x.requires_grad_()\n"
               "y = torch.compile(m, fullgraph=True, backend='aot_eager')(x)\n"
               "dx, = torch.autograd.grad(y, x, y)\n"
               "x64 = x.detach().double().requires_grad_()\n"

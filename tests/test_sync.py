@@ -401,7 +401,7 @@ def check_channel_mismatch(rank, world):
 
 def check_bad_input_raises_before_any_collective(rank, world):
     layer = SyncBatchNormAct(3, device=DEVICE)
-    with CountOps() as ops, pytest.raises(ValueError, match="should contain 4 elements"):
+    with CountOps() as ops, pytest.raises(ValueError, match="num_features=3 channels, got 4"):
         layer(torch.randn(4, 4, 2, device=DEVICE))
     assert ops.collectives == [] and int(layer.num_batches_tracked) == 0
 

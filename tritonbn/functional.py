@@ -2,15 +2,26 @@
 
 Every check runs before any kernel and before any state changes, so a rejected call leaves
 the running statistics (and a module's num_batches_tracked) as they were.
+
+forward_checked picks the path (docs/DESIGN.md, "Kernels or the composite path"): the
+registered ops under torch.compile and torch.export, the kernels in eager mode, and the
+composite path of PyTorch's own ops (tritonbn.composite) for CPU tensors that do not run the
+kernels, under torch.jit.trace (and so the ONNX exporter's TorchScript mode) and inside
+torch.func transforms.
 """
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import ops
+from . import composite, ops
 from .activations import ActivationSpec, activation_spec
 from .dtypes import SUPPORTED_DTYPES
+
+# torch.jit.trace warns that the checks' comparisons of sizes become constants: for checks that
+# passed, that is what they are.
+warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=__name__)
 
 
 def check_inputs(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -71,12 +82,25 @@ def forward_checked(input: Tensor, running_mean: Optional[Tensor], running_var: 
         return input.clone() if residual is None else input + residual
     code, param = activation
     if torch.compiler.is_compiling():  # the registered ops: traceable, no graph break
+        if torch.compiler.is_exporting():
+            if training:
+                # A training graph exports as nn.BatchNorm's: the statistics op mutates
+                # buffers, which export cannot decompose to core ATen.
+                return composite.bn_act(input, running_mean, running_var, weight, bias,
+                                        training, momentum, eps, code, param,
+                                        num_batches_tracked, residual)
+            if not torch.compiler.is_dynamo_compiling():  # strict export: see there
+                ops.register_export_decomposition()
         mean, var = running_mean, running_var
         if training:
             mean, var = ops.batch_stats(input.detach(), running_mean, running_var,
                                         num_batches_tracked, momentum)
         return ops.normalize_act(input, mean, var, weight, bias, residual, eps, training, code,
                                  param)
+    if (not ops.runs_triton(input) or torch._C._get_tracing_state() is not None
+            or torch._C._are_functorch_transforms_active()):
+        return composite.bn_act(input, running_mean, running_var, weight, bias, training,
+                                momentum, eps, code, param, num_batches_tracked, residual)
     return ops.EagerBatchNormAct.apply(input, weight, bias, residual, (
         running_mean, running_var, num_batches_tracked, training, momentum, eps, code, param))
 

@@ -3,11 +3,17 @@ an optional residual added before the activation.
 
 They subclass the PyTorch modules, so state_dict keys, train/eval, num_batches_tracked,
 momentum=None, track_running_stats=False and affine=False behave as there.
+
+Their forward is one call of ``run_layer``, which torch.fx records as a single node taking the
+layer itself: a traced model runs the kernels, and reads the layer's mode when it runs, not
+when it was traced. TorchScript compiles the composite path instead (``_scripted_forward``).
 """
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
+from . import composite
 from .activations import activation_kwargs as full_activation_kwargs
 from .activations import activation_spec
 from .functional import check_inputs, forward_checked
@@ -27,6 +33,7 @@ class _BatchNormActMixin:
         self.activation = activation
         self.activation_kwargs = full_kwargs
         self._spec = (activation, dict(full_kwargs), activation_spec(activation, full_kwargs))
+        self._activation_code, self._activation_param = self._spec[2]
 
     def extra_repr(self) -> str:
         kwargs = "".join(f", {key}={value!r}" for key, value in self.activation_kwargs.items())
@@ -39,28 +46,81 @@ class _BatchNormActMixin:
         if name != self.activation or kwargs != self.activation_kwargs:
             spec = activation_spec(self.activation, self.activation_kwargs)
             self._spec = (self.activation, dict(self.activation_kwargs), spec)
+            self._activation_code, self._activation_param = spec
         return spec
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """activation(batch_norm(input) + residual); residual: None, or a tensor of input's
         shape, dtype and device, in any layout."""
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input, residual)
+        return run_layer(self, input, residual)
+
+    def _bn_act(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
         # nn.BatchNorm's forward, with every check ahead of any state change, and the
         # num_batches_tracked update (and momentum=None's 1 / num_batches_tracked) left to
         # the statistics kernel on the device.
         self._check_input_dim(input)
         spec = self._activation_spec()
         weight, bias = _fetch(self, self._parameters, "weight", "bias")
-        running_mean, running_var, tracked = _fetch(self, self._buffers, "running_mean",
-                                                    "running_var", "num_batches_tracked")
-        training = self.training
-        bn_training = training or (running_mean is None and running_var is None)
-        if not training:
-            tracked = None
-        elif not self.track_running_stats:
-            running_mean = running_var = tracked = None
-        check_inputs(input, running_mean, running_var, weight, bias, bn_training, residual)
+        bn_training, running_mean, running_var, tracked = layer_statistics(
+            self.training, self.track_running_stats,
+            *_fetch(self, self._buffers, "running_mean", "running_var", "num_batches_tracked"))
+        check_layer_inputs(self, input, running_mean, running_var, weight, bias, bn_training,
+                           residual)
         return forward_checked(input, running_mean, running_var, weight, bias, bn_training,
                                self.momentum, self.eps, spec, tracked, residual)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        self._activation_spec()  # the activation attributes TorchScript reads, up to date
+        return self
+
+    def _scripted_forward(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
+        """forward as TorchScript compiles it: nn.BatchNorm's checks, then the composite path
+        (a scripted SyncBatchNormAct does not synchronise)."""
+        self._check_input_dim(input)
+        bn_training, running_mean, running_var, tracked = layer_statistics(
+            self.training, self.track_running_stats, self.running_mean, self.running_var,
+            self.num_batches_tracked)
+        z = composite.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                 bn_training, self.momentum, self.eps, tracked, residual)
+        return composite.scripted_activation(z, self._activation_code, self._activation_param)
+
+
+@torch.fx.wrap
+def run_layer(layer: nn.Module, input: Tensor, residual: Optional[Tensor]) -> Tensor:
+    """layer's forward. torch.fx does not trace into it (its checks would branch on traced
+    values) but records the call, with the layer as an argument."""
+    return layer._bn_act(input, residual)
+
+
+def layer_statistics(training: bool, track_running_stats: bool, running_mean: Optional[Tensor],
+                     running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor]
+                     ) -> tuple[bool, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(bn_training, running_mean, running_var, num_batches_tracked) as nn.BatchNorm's forward
+    passes them to batch_norm in a layer's current mode; the count only where it counts."""
+    bn_training = training or (running_mean is None and running_var is None)
+    if not training:
+        return bn_training, running_mean, running_var, None
+    if not track_running_stats:
+        return bn_training, None, None, None
+    return bn_training, running_mean, running_var, num_batches_tracked
+
+
+def check_layer_inputs(layer: nn.Module, input: Tensor, running_mean: Optional[Tensor],
+                       running_var: Optional[Tensor], weight: Optional[Tensor],
+                       bias: Optional[Tensor], training: bool, residual: Optional[Tensor]):
+    """functional.check_inputs, whose error for a wrong channel count names the layer's."""
+    try:
+        check_inputs(input, running_mean, running_var, weight, bias, training, residual)
+    except ValueError as error:
+        per_channel = (running_mean, running_var, weight, bias)
+        if (input.dim() < 2 or input.shape[1] == layer.num_features
+                or all(t is None for t in per_channel)):  # then any channel count will do
+            raise
+        raise ValueError(f"{type(layer).__name__} expects input with num_features="
+                         f"{layer.num_features} channels, got {input.shape[1]} channels "
+                         f"(input shape {tuple(input.shape)})") from error
 
 
 def _fetch(module, registered: dict, *names):

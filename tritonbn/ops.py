@@ -10,7 +10,11 @@
   backward is ``normalize_act_backward``.
 
 The mutation lives in an op of its own because torch.library registers autograd only for
-functional ops. torch.compile traces these ops; eager calls take EagerBatchNormAct below, the
+functional ops. Once a graph is exported, ``normalize_act`` also has a CompositeImplicitAutograd
+decomposition into PyTorch ops (tritonbn.composite), which only export's decompositions take:
+``ep.run_decompositions()`` gives core ATen, and the ONNX exporter translates that;
+torch.compile and plain torch.export keep the op (register_export_decomposition).
+torch.compile traces these ops; eager calls take EagerBatchNormAct below, the
 same launchers without the dispatcher's per-call cost. Where the kernels are compiled for a GPU
 the ops are ``torch.library.triton_op``s: torch.compile traces into them, and Inductor launches
 the kernels from its own code, without a dispatch per op. Under Triton's interpreter (tracing a
@@ -19,7 +23,8 @@ they are ``custom_op``s, which torch.compile calls as opaque functions. Both run
 bodies. CUDA tensors run the Triton kernels.
 CPU tensors run the same kernels through Triton's interpreter when TRITON_INTERPRET=1 was set
 before triton was imported, and the PyTorch reference otherwise (also where Triton is not
-installed). Tensors whose spatial dims do not collapse into one stride
+installed); eager calls on such CPU tensors do not come here but take PyTorch's native ops
+(tritonbn.composite). Tensors whose spatial dims do not collapse into one stride
 (``tritonbn.layout.strides_ncs``) are copied to contiguous first; every layout PyTorch names
 collapses.
 """
@@ -29,9 +34,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from . import reference
+from . import composite, reference
 from .dtypes import accumulate_dtype
 from .layout import strides_ncs
 
@@ -51,7 +55,7 @@ TRITON_OPS = (HAS_TRITON and not INTERPRETING
 
 
 def runs_triton(x: Tensor) -> bool:
-    return x.is_cuda or (INTERPRETING and x.device.type == "cpu")
+    return x.is_cuda or (INTERPRETING and x.is_cpu)
 
 
 def backend(x: Tensor):
@@ -185,6 +189,40 @@ def _normalize_act_backward(ctx, dy):
 normalize_act.register_autograd(_normalize_act_backward, setup_context=_setup_context)
 
 
+_export_decomposition_registered = False
+
+
+def register_export_decomposition() -> None:
+    """Gives normalize_act a CompositeImplicitAutograd kernel (Python dispatcher only) that
+    returns the composite computation while torch.export decomposes, so that
+    ``ep.run_decompositions()`` and the ONNX exporter find it in their default table.
+
+    Called the first time a graph is exported, not at import: Inductor builds its own table of
+    decompositions once, from the same source, and an op found there cannot fall back to its
+    kernels. Inductor's table is built first, here, so torch.compile keeps calling the op.
+    An export with strict=True traces with Dynamo, which cannot run this: call it beforehand.
+    """
+    global _export_decomposition_registered
+    if _export_decomposition_registered:
+        return
+    import torch._inductor.decomposition  # noqa: F401  (its table, without this op)
+    normalize_act._opoverload.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(
+        _decomposed_normalize_act)
+    _export_decomposition_registered = True
+
+
+def _decomposed_normalize_act(x, mean, var, weight, bias, residual, eps, training, activation,
+                              activation_param):
+    # Every tracer asks an op with such a kernel for its decomposition; only export's
+    # decomposition pass is given one.
+    if not torch.compiler.is_exporting():
+        return NotImplemented
+    if mean.dim() == 2:  # the shifted form
+        mean = mean[0] + mean[1]
+    return composite.bn_act(x, mean, var, weight, bias, False, 0.0, eps, activation,
+                            activation_param, residual=residual)
+
+
 class EagerBatchNormAct(torch.autograd.Function):
     """batch_stats then normalize_act for eager mode, in one autograd node: the same launchers
     and autograd formula as the registered ops, minus torch.library's dispatch, whose per-call
@@ -200,27 +238,34 @@ class EagerBatchNormAct(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, state):
         (running_mean, running_var, num_batches_tracked, training, momentum, eps, activation,
          activation_param) = state
-        launchers, x, residual = backend(x), walkable(x), walkable(residual)
+        launchers, walked_x, walked_residual = backend(x), walkable(x), walkable(residual)
         mean, var = running_mean, running_var
         if training:
-            mean, var = launchers.batch_stats(x, running_mean, running_var, momentum,
+            mean, var = launchers.batch_stats(walked_x, running_mean, running_var, momentum,
                                               num_batches_tracked)
+        # x and residual as given: a double backward differentiates through them.
         _setup_context(ctx, (x, mean, var, weight, bias, residual, eps, training, activation,
                              activation_param), None)
-        return launchers.normalize_act(x, mean, var, weight, bias, residual, eps, activation,
-                                       activation_param)
+        return launchers.normalize_act(walked_x, mean, var, weight, bias, walked_residual, eps,
+                                       activation, activation_param)
 
     @staticmethod
     def backward(ctx, dy):
-        if torch.is_grad_enabled():  # create_graph=True: differentiating this raises
-            return _eager_backward_once_differentiable(ctx, dy)
-        return _eager_backward(ctx, dy)
+        if torch.is_grad_enabled():  # create_graph=True
+            return _differentiable_backward(ctx, dy)
+        return _gradients(ctx, dy, run_normalize_act_backward) + (None,)
 
 
-def _eager_backward(ctx, dy):
-    return _gradients(ctx, dy, run_normalize_act_backward) + (None,)
-
-
-# The kernels have no backward of their own: a double backward must fail, not drop terms.
-# once_differentiable costs a few microseconds per call, so only create_graph pays for it.
-_eager_backward_once_differentiable = once_differentiable(_eager_backward)
+def _differentiable_backward(ctx, dy):
+    """The gradients as a graph a further backward can differentiate: the kernels have no
+    backward of their own, so the forward is recomputed on the composite path (from the saved
+    statistics in eval, from x again in training) and differentiated with create_graph."""
+    x, mean, var, weight, bias, residual = ctx.saved_tensors
+    inputs = (x, weight, bias, residual)
+    wanted = [t for t, needed in zip(inputs, ctx.needs_input_grad) if needed]
+    stats = (None, None) if ctx.training else (mean, var)
+    y = composite.bn_act(x, *stats, weight, bias, ctx.training, 0.0, ctx.eps, ctx.activation,
+                         ctx.activation_param, residual=residual)
+    grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
+    return tuple(next(grads) if needed else None
+                 for needed in ctx.needs_input_grad[:4]) + (None,)

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .dtypes import accumulate_dtype
-from .functional import check_inputs
-from .modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _BatchNormActMixin
+from .modules import (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _BatchNormActMixin,
+                      check_layer_inputs)
 from .ops import backend, walkable
 
 
@@ -194,17 +194,15 @@ class SyncBatchNormAct(_BatchNormActMixin, _BatchNorm):
     _check_input_dim = nn.SyncBatchNorm._check_input_dim
     _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
-    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        """activation(batch_norm(input) + residual); residual: None, or a tensor of input's
-        shape, dtype and device, in any layout."""
+    def _bn_act(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         if input.dim() > 5:  # the layer sees (N, C, S) anyway; the checks stop at 5 dims
             flat = None if residual is None else residual.flatten(2)
-            return self.forward(input.flatten(2), flat).view(input.shape)
+            return self._bn_act(input.flatten(2), flat).view(input.shape)
         group = self._sync_group()
         if group is None:
-            return super().forward(input, residual)
+            return super()._bn_act(input, residual)
         if torch.compiler.is_compiling():
             # A graph break; disabled here, not at import: the decorator imports torch._dynamo.
             return torch.compiler.disable(_sync_forward)(self, input, residual, group)
@@ -225,8 +223,8 @@ def _sync_forward(layer: SyncBatchNormAct, input: Tensor, residual: Optional[Ten
     running_var = layer.running_var if tracked else None
     # Checked on empty slices: a rank may hold one value per channel, or none; only the
     # group's count matters.
-    check_inputs(input[:0], running_mean, running_var, layer.weight, layer.bias, True,
-                 None if residual is None else residual[:0])
+    check_layer_inputs(layer, input[:0], running_mean, running_var, layer.weight, layer.bias,
+                       True, None if residual is None else residual[:0])
     state = (running_mean, running_var, layer.num_batches_tracked if tracked else None,
              layer.momentum, layer.eps, *layer._activation_spec(), group,
              dist.get_world_size(group))
