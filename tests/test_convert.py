@@ -357,31 +357,36 @@ def test_left_alone_with_its_reason(then, reason):
 
 
 class TwoBranches(nn.Module):
-    """relu(bn_a(x) + bn_b(x)), with an in-place op between the two BatchNorms or not."""
+    """relu(bn_a(fc_a(x)) + bn_b(h)), with, between the two BatchNorms, nothing, an in-place op
+    on h (a new tensor: bn_a can still move past it), or one on v, made before bn_a's call (it
+    cannot tell that v does not share memory with bn_a's input)."""
 
-    def __init__(self, in_place_between: bool):
+    def __init__(self, in_place_between: str = ""):
         super().__init__()
         self.in_place_between = in_place_between
         self.fc_a, self.fc_b = nn.Linear(4, 3, bias=False), nn.Linear(4, 3, bias=False)
         self.bn_a, self.bn_b = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
 
     def forward(self, x):
+        v = x * 2
         a = self.bn_a(self.fc_a(x))
         h = self.fc_b(x)
-        if self.in_place_between:
+        if self.in_place_between == "fresh":
             h = F.silu(h, inplace=True)
+        elif self.in_place_between == "earlier":
+            h = self.fc_b(v.relu_())
         return F.relu(a + self.bn_b(h))
 
 
-@pytest.mark.parametrize("in_place_between", [False, True], ids=["first", "second"])
+@pytest.mark.parametrize("in_place_between", ["", "fresh", "earlier"])
 def test_an_add_of_two_batchnorms_goes_to_the_first_that_can_move(in_place_between):
     model = TwoBranches(in_place_between).to(DEVICE)
     converted = fuse_bn_act(model)
-    winner, loser = ("bn_b", "bn_a") if in_place_between else ("bn_a", "bn_b")
+    winner, loser = ("bn_b", "bn_a") if in_place_between == "earlier" else ("bn_a", "bn_b")
     assert converted.fused_pairs == (FusedPair(winner, "torch.nn.functional.relu", loser),)
     assert converted.left_alone == {loser: (
-        "what runs between it and its add writes in place or uses it" if in_place_between
-        else "feeds an add fused with another BatchNorm")}
+        "what runs between it and its add writes in place or uses it"
+        if in_place_between == "earlier" else "feeds an add fused with another BatchNorm")}
     assert_same_model(model, converted, randn((5, 4)), train_steps=1)
 
 
