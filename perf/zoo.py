@@ -38,6 +38,7 @@ import collections
 import copy
 import csv
 import importlib
+import inspect
 import sys
 import time
 import warnings
@@ -82,8 +83,8 @@ def build(model_name: str, **kwargs) -> nn.Module:
                              f"({type(error).__name__}: {error})") from error
     if source == "timm":
         return package.create_model(name, pretrained=False, **kwargs)
-    if _torchvision_kind(name) == "detection":
-        kwargs = dict(weights_backbone=None, **kwargs)
+    if "weights_backbone" in inspect.signature(package.get_model_builder(name)).parameters:
+        kwargs = dict(weights_backbone=None, **kwargs)  # detection, segmentation: no download
     return package.get_model(name, weights=None, **kwargs)
 
 
@@ -229,9 +230,13 @@ def all_models() -> list[str]:
     for kind in TORCHVISION_KINDS:
         module = getattr(torchvision.models, kind) if kind else torchvision.models
         for name in torchvision.models.list_models(module=module):
-            with torch.device("meta"), warnings.catch_warnings():
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model = build(f"torchvision/{name}")
+                try:
+                    with torch.device("meta"):  # quick, where the builder allows it
+                        model = build(f"torchvision/{name}")
+                except NotImplementedError:
+                    model = build(f"torchvision/{name}")
             if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
                 names.append(f"torchvision/{name}")
     return names + [f"timm/{line.split()[0]}" for line in TIMM_FAMILIES.read_text().splitlines()
@@ -317,7 +322,10 @@ def sweep(model_name: str, image_size: int, batch: int, seed: int) -> dict:
     reference path; the counts are of the conversion in training mode."""
     start = time.perf_counter()
     torch.manual_seed(seed)
-    model = build(model_name).double()
+    detection = "torchvision/" in model_name and _torchvision_kind(model_name[12:]) == "detection"
+    sizes = dict(min_size=image_size, max_size=image_size)  # it resizes to 800 by default
+    model = build(model_name, **(sizes if detection and "ssd" not in model_name else {}))
+    model = model.double()
     args, train_kwargs = _inputs(model_name, image_size, batch)
     expected = {training: sweep_step(copy.deepcopy(model), args, train_kwargs, training, seed)
                 for training in (True, False)}
