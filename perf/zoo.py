@@ -27,11 +27,25 @@ interpreter on CPU tensors when TRITON_INTERPRET=1 is set (slow: minutes per mod
 reference otherwise (the backend column says which). Writes a CSV (one row per model and mode;
 perf/results/zoo.csv on a GPU, perf/zoo_cpu.csv without one, since perf/results/ holds GPU
 runs only) and prints a markdown table. A model whose package (torchvision, timm) cannot be
-imported is skipped with a message.
+imported stops the run with a message and exit status 2, before anything is written; a CSV is
+never replaced by one with fewer rows (--append adds to it, --out writes elsewhere).
+
+--all runs the sweep instead: every torchvision classification, segmentation, video and
+detection model that holds a BatchNorm, and the smallest model of each timm family listed in
+perf/zoo_timm_families.txt, built in float64 and run on PyTorch's reference path, at 32x32
+(or the first size the model runs at: its published minimum, then its native size), batch 2.
+Each is converted once in training and once in eval mode, and each conversion is run in
+training and in eval mode (one forward and backward, random ops seeded alike) against the
+unconverted model: worst_error is the largest error over outputs, input and parameter
+gradients and buffers, relative to the largest value of its module's tensors; exact means at
+most 1e-9. Writes perf/zoo_all_cpu.csv (rows also go to zoo_all_cpu.csv.partial as they come)
+with the fused share, the leaves and the reasons, shows a progress bar, and exits 1 if a model
+is not exact.
 
     python perf/zoo.py --counts-only
     TRITON_INTERPRET=1 python perf/zoo.py --models timm/regnety_008 --append
     python perf/zoo.py --models torchvision/resnet18,timm/efficientnet_b0 --image-size 32
+    python perf/zoo.py --all
 """
 import argparse
 import collections
@@ -92,7 +106,8 @@ def census(model: nn.Module, converted: nn.Module) -> dict:
     """The counts of the table, and the reasons for what was left alone, each with its count."""
     batchnorms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     pairs = converted.fused_pairs
-    reasons = collections.Counter(converted.left_alone.values())
+    reasons = collections.Counter(reason.split(": ")[0]  # "inside a leaf: <its path>"
+                                  for reason in converted.left_alone.values())
     return dict(batchnorms=batchnorms, fused=len({pair.bn for pair in pairs}),
                 with_activation=len({pair.bn for pair in pairs if pair.activation}),
                 with_residual=len({pair.bn for pair in pairs if pair.residual}),

@@ -18,7 +18,8 @@ timm's ``BatchNormAct2d`` (when timm builds the model) is converted too, with it
 activation, when its drop layer is a no-op; if that activation is ``nn.Identity`` it continues
 like a plain BatchNorm into an activation or add after it, and is converted alone otherwise.
 
-No-op modules are ``nn.Identity``, and, with a drop rate of 0 at conversion time,
+No-op modules are ``nn.Identity``, an add of the constant 0, and, with a drop rate of 0 at
+conversion time,
 ``nn.Dropout``, torchvision's ``StochasticDepth`` and timm's ``DropPath`` and ``DropBlock2d``.
 A drop rate above 0 is never a no-op, not even in eval mode: the mode can change after the
 conversion. The stochastic modules stay leaves of the trace for that reason, so that their mode
@@ -28,9 +29,13 @@ An add's other operand can have a different shape (a broadcast bias), dtype or d
 graph does not show: a fused call with a residual goes through ``call_with_residual``, which
 checks them at run time and falls back to the unfused computation when they differ. A fused
 call with a residual runs where the add ran, so it is moved past what ran between the
-BatchNorm and the add; that is refused if something there writes in place, calls the same
-BatchNorm or reads its state. When both operands of an add come from qualifying BatchNorms, the
-first one that can move takes the add (in ResNet, ``bn3`` takes ``downsample.1`` as residual).
+BatchNorm and the add; that is refused if something there calls the same BatchNorm or reads
+its state, writes in place into a tensor that may share memory with the BatchNorm's input (one
+not allocated in between by a conv, linear, BatchNorm, pooling or arithmetic call), or calls a
+leaf module (see below) on such a tensor. Reads of the BatchNorm output's shape do not count as
+its consumers: they read its input's shape instead. When both operands of an add come from
+qualifying BatchNorms, the first one that can move takes the add (in ResNet, ``bn3`` takes
+``downsample.1`` as residual).
 
 The BatchNorm module is replaced, at its own attribute path and sharing its parameters and
 buffers, by the matching BatchNormAct; the fused activation and add calls leave the graph. A
@@ -44,10 +49,20 @@ order, so ``state_dict()`` keys are exactly the original's and checkpoints load 
 Activation modules stay in place even where no call uses them any more. Being a GraphModule
 (named after the model's class, as fx.symbolic_trace names it), the result keeps the traced
 ``forward`` only: other methods of the model's class are not on it, and a converted
-nn.Sequential is reached by ``get_submodule("3")``, not by index.
+nn.Sequential is reached by ``get_submodule("3")``, not by index. A submodule whose forward was
+traced into the graph and holds a fused BatchNorm raises if called on its own: its forward
+would apply the fused activation or residual a second time.
 
-A model torch.fx cannot trace (data-dependent control flow, for one) is returned unchanged, as
-a deep copy, with a warning that names the error and the line of the model's code that raised.
+A trace freezes every Python value its code reads. What would change the computation later is
+kept out of the graph: a submodule whose forward reads a module's ``training`` flag (a dropout
+head, an auxiliary head, a branch that only trains), a global bool or the grad mode, or whose
+forward torch.fx cannot trace (data-dependent control flow, for one), stays a call of its own
+forward, a leaf of the trace, and so do the modules timm registers as not traceable. The
+children of each leaf are converted in turn, each keeping its class with a fused forward; a
+model whose own forward is such a leaf comes back as a copy of itself, fused inside its
+children. ``leaves`` names each with the reason and the line of code, and a warning says how
+many there are. What a trace freezes otherwise (a plain Python attribute read in forward)
+stays frozen, as in any torch.fx graph.
 """
 import contextlib
 import copy
@@ -155,9 +170,9 @@ class _Tracer(fx.Tracer):
     read of a module's ``training`` flag, a global bool, ``torch.is_grad_enabled()``
     (``frozen``), and the module whose forward raised an error (``raised_in``)."""
 
-    def __init__(self, leaves: dict[str, str]):
+    def __init__(self, leaves: Optional[dict[str, str]] = None):
         super().__init__(autowrap_functions=(call_with_residual, *_timm_registry()[1]))
-        self.leaves = leaves
+        self.leaves = {} if leaves is None else leaves  # none when a GraphModule unpickles
         self.reached: dict[str, str] = {}  # leaves called, other than tritonbn's own rules
         self.traced_through: set[str] = set()
         self.running = [""]  # paths of the modules whose forward runs, innermost last
@@ -429,12 +444,32 @@ def _fuse(root: nn.Module, graph: fx.Graph, scratch: nn.Module, traced_through, 
     fused_paths = [target for target in calls if target not in refused]
     for path in traced_through:
         if any(_is_inside(target, path) for target in fused_paths):
-            _swap_class(root.get_submodule(path), {"forward": _runs_inside_graph})
+            _guard(root.get_submodule(path))
     if not prefix:
         return _graph_module(root, graph)
     if fused_paths:
         _swap_class(root, {"forward": type(fx.GraphModule(root, graph)).forward})
     return root
+
+
+def _guard(module: nn.Module) -> nn.Module:
+    """module, made to raise when called: the graph holding it runs its code, fused."""
+    _swap_class(module, {"forward": _runs_inside_graph, "__reduce_ex__": _reduce_guarded})
+    return module
+
+
+def _reduce_guarded(self, protocol):
+    """Pickles as the original class does, and unpickles guarded again."""
+    guarded, self.__class__ = type(self), type(self).__bases__[0]
+    try:
+        _, (cls, *_), *state = self.__reduce_ex__(protocol)
+    finally:
+        self.__class__ = guarded
+    return (_unpickle_guarded, (cls,), *state)
+
+
+def _unpickle_guarded(cls: type) -> nn.Module:
+    return _guard(cls.__new__(cls))
 
 
 def _runs_inside_graph(self, *args, **kwargs):
@@ -679,7 +714,7 @@ def _traced_activation(module: nn.Module) -> Optional[tuple]:
     if _has_hooks(module) or any(True for _ in module.parameters()):
         return None
     try:
-        graph = _Tracer({}).trace(module)
+        graph = _Tracer().trace(module)
     except Exception:  # not traceable: not an activation we can read
         return None
     inputs = graph.find_nodes(op="placeholder")
