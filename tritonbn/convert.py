@@ -188,7 +188,8 @@ class _Tracer(fx.Tracer):
     def _leaf_reason(self, module: nn.Module, path: str) -> Optional[str]:
         if path in self.leaves:
             return self.leaves[path]
-        if type(module) in _timm_registry()[0] and _fused_class(module) is None:
+        registered = _timm_registry()[0]
+        if _Watch.unwatched(type(module)) in registered and _fused_class(module) is None:
             return "timm registers it as not traceable by torch.fx"
         return None
 
@@ -256,6 +257,11 @@ class _Watch:
     @staticmethod
     def write(module, mode):
         module.__dict__["training"] = mode
+
+    @classmethod
+    def unwatched(cls, watched: type) -> type:
+        original = watched.__bases__[0]
+        return original if cls.classes.get(original) is watched else watched
 
     @classmethod
     def watched_class(cls, original: type) -> type:
