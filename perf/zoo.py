@@ -39,9 +39,9 @@ the input gradient is zero but for rounding, which the deeper layers amplify pas
 Each is converted once in training and once in eval mode, and each conversion is run in
 training and in eval mode (one forward and backward, random ops seeded alike) against the
 unconverted model: worst_error is the largest error over outputs, input and parameter
-gradients and buffers, relative to the model's largest gradient for a gradient (some are zero
-but for rounding) and to the largest value of the tensor's module otherwise; exact means at
-most 1e-9. Writes perf/zoo_all_cpu.csv (rows also go to zoo_all_cpu.csv.partial as they come)
+gradients and buffers, relative to the model's largest gradient for a gradient and to the
+largest buffer of its module for a buffer (some are zero but for rounding), to its own largest
+value for an output; exact means at most 1e-9. Writes perf/zoo_all_cpu.csv (rows also go to zoo_all_cpu.csv.partial as they come)
 with the fused share, the leaves and the reasons, shows a progress bar, and exits 1 if a model
 is not exact.
 
@@ -315,8 +315,9 @@ def sweep_step(model: nn.Module, args: tuple, train_kwargs: dict, training: bool
 
 def _worst_error(result: dict, reference: dict) -> float:
     """Largest error over the tensors, relative to the largest gradient of the model for a
-    gradient and to the largest value of its module's tensors otherwise; inf where their
-    names or shapes differ. A gradient can be zero but for rounding: through a training
+    gradient, to the largest of its module's buffers for a buffer (a running mean can be zero
+    but for rounding), and to its own largest value otherwise; inf where names or shapes
+    differ. A gradient can be zero but for rounding: through a training
     BatchNorm over 2 values (batch 2, 1x1) it is, exactly, and a bias gradient in front of a
     training BatchNorm cancels; its rounding scales with the gradients it is made of."""
     if result.keys() != reference.keys() or any(
@@ -325,15 +326,20 @@ def _worst_error(result: dict, reference: dict) -> float:
     scale = collections.defaultdict(lambda: 1e-300)
     for name, expected in reference.items():
         if expected.numel():
-            key = "grad" if name.endswith(".grad") else _module_of(name)
+            key = _scale_group(name)
             scale[key] = max(scale[key], expected.double().abs().max().item())
     worst = 0.0
     for name, expected in reference.items():
         if expected.numel():
-            key = "grad" if name.endswith(".grad") else _module_of(name)
             error = (result[name].double() - expected.double()).abs().max().item()
-            worst = max(worst, error / scale[key] if error == error else float("inf"))
+            worst = max(worst, error / scale[_scale_group(name)] if error == error
+                        else float("inf"))
     return worst
+
+
+def _scale_group(name: str) -> str:
+    """"grad" for a gradient, the module's path for a buffer, the tensor's name otherwise."""
+    return "grad" if name.endswith(".grad") else name.rpartition(".")[0] or name
 
 
 def sweep(model_name: str, image_size: int, batch: int, seed: int) -> dict:
