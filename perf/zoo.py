@@ -41,9 +41,9 @@ training and in eval mode (one forward and backward, random ops seeded alike) ag
 unconverted model: worst_error is the largest error over outputs, input and parameter
 gradients and buffers, relative to the model's largest gradient for a gradient and to the
 largest buffer of its module for a buffer (some are zero but for rounding), to its own largest
-value for an output; exact means at most 1e-9. Writes perf/zoo_all_cpu.csv (rows also go to zoo_all_cpu.csv.partial as they come)
-with the fused share, the leaves and the reasons, shows a progress bar, and exits 1 if a model
-is not exact.
+value for an output; exact means at most 1e-9. Writes perf/zoo_all_cpu.csv (rows also go to
+zoo_all_cpu.csv.partial as they come) with the fused share, the leaves and the reasons, shows
+a progress bar, and exits 1 if a model is not exact.
 
     python perf/zoo.py --counts-only
     TRITON_INTERPRET=1 python perf/zoo.py --models timm/regnety_008 --append
