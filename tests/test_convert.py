@@ -4,6 +4,7 @@ torchvision and timm models: test_zoo.py."""
 import copy
 import logging
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -606,7 +607,9 @@ def assert_same_in_both_modes(model: nn.Module, make_inputs, converted_in=(True,
     expected = {training: _seeded_step(copy.deepcopy(model), inputs, training)
                 for training in (True, False)}
     for mode in converted_in:
-        converted = fuse_bn_act(copy.deepcopy(model).train(mode))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the leaves' warning: the tests check it once
+            converted = fuse_bn_act(copy.deepcopy(model).train(mode))
         for training in (True, False):
             result = _seeded_step(copy.deepcopy(converted), inputs, training)
             torch.testing.assert_close(result, expected[training], rtol=1e-9, atol=1e-12,
