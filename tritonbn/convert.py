@@ -765,7 +765,8 @@ def _movable(root: nn.Module, bn_node: fx.Node, add: fx.Node) -> bool:
         if _writes_in_place(root, node):
             if not _fresh(root, _written(root, node), between):
                 return False
-        elif node.op == "call_module" and not _is_torch_module(root.get_submodule(node.target)):
+        elif node.op == "call_module" and not _is_torch_module(
+                module := root.get_submodule(node.target)) and not _is_noop(module):
             if not all(_fresh(root, value, between) for value in node.all_input_nodes):
                 return False
         between.add(node)
