@@ -27,18 +27,38 @@ interpreter on CPU tensors when TRITON_INTERPRET=1 is set (slow: minutes per mod
 reference otherwise (the backend column says which). Writes a CSV (one row per model and mode;
 perf/results/zoo.csv on a GPU, perf/zoo_cpu.csv without one, since perf/results/ holds GPU
 runs only) and prints a markdown table. A model whose package (torchvision, timm) cannot be
-imported is skipped with a message.
+imported stops the run with a message and exit status 2, before anything is written; a CSV is
+never replaced by one with fewer rows (--append adds to it, --out writes elsewhere).
+
+--all runs the sweep instead: every torchvision classification, segmentation, video and
+detection model that holds a BatchNorm, and the smallest model of each timm family listed in
+perf/zoo_timm_families.txt, built in float64 and run on PyTorch's reference path, at 64x64
+(or the first size the model runs at: its published minimum, then its native size), batch 2
+(at 32x32 the last stage of most models normalizes 2 values per channel in training, where
+the input gradient is zero but for rounding, which the deeper layers amplify past 1e16).
+Each is converted once in training and once in eval mode, and each conversion is run in
+training and in eval mode (one forward and backward, random ops seeded alike) against the
+unconverted model: worst_error is the largest error over outputs, input and parameter
+gradients and buffers, relative to the model's largest gradient for a gradient and to the
+largest buffer of its module for a buffer (some are zero but for rounding), to its own largest
+value for an output; exact means at most 1e-9. Writes perf/zoo_all_cpu.csv (rows also go to
+zoo_all_cpu.csv.partial as they come) with the fused share, the leaves and the reasons, shows
+a progress bar, and exits 1 if a model is not exact.
 
     python perf/zoo.py --counts-only
     TRITON_INTERPRET=1 python perf/zoo.py --models timm/regnety_008 --append
     python perf/zoo.py --models torchvision/resnet18,timm/efficientnet_b0 --image-size 32
+    python perf/zoo.py --all
 """
 import argparse
 import collections
 import copy
 import csv
+import importlib
+import inspect
 import sys
 import time
+import warnings
 from datetime import date
 from pathlib import Path
 
@@ -63,26 +83,34 @@ DEFAULT_OUT = Path(__file__).resolve().parent / (
     "results/zoo.csv" if torch.cuda.is_available() else "zoo_cpu.csv")
 
 
-def build(model_name: str) -> nn.Module:
+class MissingPackage(Exception):
+    """A package a model needs (torchvision, timm) cannot be imported."""
+
+
+def build(model_name: str, **kwargs) -> nn.Module:
     """torchvision/<name> or timm/<name>, with random weights."""
     source, name = model_name.split("/")
     if source not in ("torchvision", "timm"):
         raise ValueError(f"unknown model source {source!r} in {model_name!r}")
     try:
-        import timm
-        import torchvision.models
+        package = importlib.import_module("torchvision.models" if source == "torchvision"
+                                          else "timm")
     except Exception as error:  # torchvision's C++ ops fail to load on a mismatched torch
-        raise ImportError(f"{type(error).__name__}: {error}") from error
-    if source == "torchvision":
-        return getattr(torchvision.models, name)(weights=None)
-    return timm.create_model(name, pretrained=False)
+        raise MissingPackage(f"{model_name} needs {source}, which cannot be imported "
+                             f"({type(error).__name__}: {error})") from error
+    if source == "timm":
+        return package.create_model(name, pretrained=False, **kwargs)
+    if "weights_backbone" in inspect.signature(package.get_model_builder(name)).parameters:
+        kwargs = dict(weights_backbone=None, **kwargs)  # detection, segmentation: no download
+    return package.get_model(name, weights=None, **kwargs)
 
 
 def census(model: nn.Module, converted: nn.Module) -> dict:
     """The counts of the table, and the reasons for what was left alone, each with its count."""
     batchnorms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     pairs = converted.fused_pairs
-    reasons = collections.Counter(converted.left_alone.values())
+    reasons = collections.Counter(reason.split(": ")[0]  # "inside a leaf: <its path>"
+                                  for reason in converted.left_alone.values())
     return dict(batchnorms=batchnorms, fused=len({pair.bn for pair in pairs}),
                 with_activation=len({pair.bn for pair in pairs if pair.activation}),
                 with_residual=len({pair.bn for pair in pairs if pair.residual}),
@@ -192,37 +220,271 @@ def markdown(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help="comma-separated torchvision/<name> or timm/<name>")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--counts-only", action="store_true", help="convert and count only")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="CSV to write")
-    parser.add_argument("--append", action="store_true", help="add the rows to --out")
-    args = parser.parse_args(argv)
+# --all: every torchvision model with BatchNorm, and the smallest of each timm family's.
+TORCHVISION_KINDS = ("", "segmentation", "video", "detection")
+TIMM_FAMILIES = Path(__file__).resolve().parent / "zoo_timm_families.txt"
+SWEEP_COLUMNS = ["model", "batchnorms", "fused", "fused_share", "leaves", "worst_error", "exact",
+                 "left_alone", "leaf_reasons", "error", "image_size", "seconds"]
+SWEEP_OUT = Path(__file__).resolve().parent / "zoo_all_cpu.csv"
+# Relative error, over outputs, gradients and buffers, within which the converted float64
+# model computes the same function (fused and unfused BatchNorms round differently).
+EXACT = 1e-9
 
-    rows = []
-    for model_name in args.models.split(","):
+
+def _torchvision_kind(name: str) -> str:
+    import torchvision.models
+    for kind in TORCHVISION_KINDS:
+        module = getattr(torchvision.models, kind) if kind else torchvision.models
+        if name in torchvision.models.list_models(module=module):
+            return kind
+    return ""
+
+
+def all_models() -> list[str]:
+    """The --all list: torchvision's classification, segmentation, video and detection models
+    that hold a BatchNorm, then timm's families (perf/zoo_timm_families.txt)."""
+    import torchvision.models
+    names = []
+    for kind in TORCHVISION_KINDS:
+        module = getattr(torchvision.models, kind) if kind else torchvision.models
+        for name in torchvision.models.list_models(module=module):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    with torch.device("meta"):  # quick, where the builder allows it
+                        model = build(f"torchvision/{name}")
+                except NotImplementedError:
+                    model = build(f"torchvision/{name}")
+            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+                names.append(f"torchvision/{name}")
+    return names + [f"timm/{line.split()[0]}" for line in TIMM_FAMILIES.read_text().splitlines()
+                    if line and not line.startswith("#")]
+
+
+def _inputs(model_name: str, image_size: int, batch: int) -> tuple:
+    """(args, training-only kwargs) of one float64 call; detection models take a list of
+    images, and targets in training."""
+    kind = _torchvision_kind(model_name.split("/")[1]) if "torchvision/" in model_name else ""
+    if kind == "video":
+        return (torch.randn(batch, 3, 4, image_size, image_size, dtype=torch.float64),), {}
+    images = torch.randn(batch, 3, image_size, image_size, dtype=torch.float64)
+    if kind != "detection":
+        return (images,), {}
+    corners = torch.rand(batch, 2, 2, dtype=torch.float64) * image_size / 2
+    targets = [{"boxes": torch.cat([c[0], c[0] + c[1] + 1]).reshape(1, 4), "labels":
+                torch.ones(1, dtype=torch.int64), "masks": torch.ones(
+                    1, image_size, image_size, dtype=torch.uint8),
+                "keypoints": torch.ones(1, 17, 3, dtype=torch.float64)} for c in corners]
+    return (list(images),), {"targets": targets}
+
+
+def _tensors(value, key="output") -> list:
+    """(key, tensor) of every tensor in a nested output, in a fixed order."""
+    if isinstance(value, torch.Tensor):
+        return [(key, value)]
+    if isinstance(value, dict):
+        items = sorted(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = list(enumerate(value))
+    else:
+        return [(f"{key}:{type(value).__name__}", torch.tensor(float(hash(value) % 997)))]
+    return [pair for name, item in items for pair in _tensors(item, f"{key}.{name}")]
+
+
+def sweep_step(model: nn.Module, args: tuple, train_kwargs: dict, training: bool,
+               seed: int) -> dict:
+    """One forward and backward in a mode, random ops seeded: {name: tensor} of the outputs,
+    input and parameter gradients and buffers after the step."""
+    model.train(training)
+    args = tuple([t.clone().requires_grad_() for t in a] if isinstance(a, list)
+                 else a.clone().requires_grad_() for a in args)
+    torch.manual_seed(seed)
+    outputs = _tensors(model(*args, **(train_kwargs if training else {})))
+    generator = torch.Generator().manual_seed(seed)
+    loss = sum((t * torch.randn(t.shape, generator=generator, dtype=t.dtype)).sum()
+               for _, t in outputs if t.requires_grad)
+    if torch.is_tensor(loss):
+        loss.backward()
+    inputs = [t for a in args for t in (a if isinstance(a, list) else [a])]
+    tensors = dict(outputs)
+    tensors.update((f"input{i}.grad", t.grad) for i, t in enumerate(inputs))
+    tensors.update((f"{name}.grad", p.grad) for name, p in model.named_parameters())
+    tensors.update(model.named_buffers())
+    return {name: t.detach() for name, t in tensors.items() if t is not None}
+
+
+def _worst_error(result: dict, reference: dict) -> float:
+    """Largest error over the tensors, relative to the largest gradient of the model for a
+    gradient, to the largest of its module's buffers for a buffer (a running mean can be zero
+    but for rounding), and to its own largest value otherwise; inf where names or shapes
+    differ. A gradient can be zero but for rounding: through a training
+    BatchNorm over 2 values (batch 2, 1x1) it is, exactly, and a bias gradient in front of a
+    training BatchNorm cancels; its rounding scales with the gradients it is made of."""
+    if result.keys() != reference.keys() or any(
+            result[name].shape != expected.shape for name, expected in reference.items()):
+        return float("inf")
+    scale = collections.defaultdict(lambda: 1e-300)
+    for name, expected in reference.items():
+        if expected.numel():
+            key = _scale_group(name)
+            scale[key] = max(scale[key], expected.double().abs().max().item())
+    worst = 0.0
+    for name, expected in reference.items():
+        if expected.numel():
+            error = (result[name].double() - expected.double()).abs().max().item()
+            worst = max(worst, error / scale[_scale_group(name)] if error == error
+                        else float("inf"))
+    return worst
+
+
+def _scale_group(name: str) -> str:
+    """"grad" for a gradient, the module's path for a buffer, the tensor's name otherwise."""
+    return "grad" if name.endswith(".grad") else name.rpartition(".")[0] or name
+
+
+def sweep(model_name: str, image_size: int, batch: int, seed: int) -> dict:
+    """The --all row of one model: converted in training and in eval mode, each run in
+    training and in eval mode against the unconverted model, in float64 on PyTorch's
+    reference path; the counts are of the conversion in training mode."""
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    detection = "torchvision/" in model_name and _torchvision_kind(model_name[12:]) == "detection"
+    sizes = dict(min_size=image_size, max_size=image_size)  # it resizes to 800 by default
+    model = build(model_name, **(sizes if detection and "ssd" not in model_name else {}))
+    model = model.double()
+    args, train_kwargs = _inputs(model_name, image_size, batch)
+    expected = {training: sweep_step(copy.deepcopy(model), args, train_kwargs, training, seed)
+                for training in (True, False)}
+    row, worst = {}, 0.0
+    for converted_in in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = tritonbn.fuse_bn_act(copy.deepcopy(model).train(converted_in))
+        if converted_in:
+            row = census(model, converted)
+        for training in (True, False):
+            result = sweep_step(copy.deepcopy(converted), args, train_kwargs, training, seed)
+            worst = max(worst, _worst_error(result, expected[training]))
+    reasons = collections.Counter(reason.split(": ")[0] for reason in converted.leaves.values())
+    return dict(model=model_name, **row, fused_share=round(row["fused"] / row["batchnorms"], 3),
+                leaves=len(converted.leaves), worst_error=worst, exact=worst <= EXACT,
+                leaf_reasons=_tally(reasons), image_size=image_size,
+                seconds=round(time.perf_counter() - start, 1))
+
+
+def _tally(reasons: collections.Counter) -> str:
+    return "; ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+
+
+def _sweep_with_sizes(model_name: str, image_size: int, batch: int, seed: int) -> dict:
+    """sweep() at image_size, or at the first of the model's own input sizes it runs at."""
+    for size in [image_size, *(s for s in _native_sizes(model_name) if s > image_size)]:
         try:
-            rows += run(model_name, args.image_size, args.batch, args.counts_only, args.seed)
-        except ImportError as error:  # also torchvision's broken C++ ops on some wheels
-            print(f"skipping {model_name}: {error}", file=sys.stderr)
-            continue
-        print(markdown(rows[-1:], COUNT_COLUMNS + CHECK_COLUMNS), flush=True)
-    columns = COUNT_COLUMNS + ([] if args.counts_only else CHECK_COLUMNS) + RUN_COLUMNS
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not (args.append and args.out.exists())
-    with open(args.out, "w" if new_file else "a", newline="") as file:
+            return sweep(model_name, size, batch, seed)
+        except MissingPackage:
+            raise
+        except Exception as error:  # models run arbitrary code: the row says what failed
+            failure = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+    return dict(model=model_name, error=failure, image_size=size)
+
+
+def _native_sizes(model_name: str) -> list[int]:
+    """The smallest input size a model's published weights allow, and the one they use."""
+    source, name = model_name.split("/")
+    try:
+        if source == "timm":
+            import timm
+            return [timm.get_pretrained_cfg(name).input_size[-1]]
+        import torchvision.models
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        return [weights.meta.get("min_size", (0, 0))[-1], weights.transforms().crop_size[-1]]
+    except Exception:  # models without published weights or configuration
+        return [224]
+
+
+def write_rows(path: Path, columns: list[str], rows: list[dict], append: bool) -> None:
+    """Write (or append) rows as CSV; never replace a file that holds more rows."""
+    existing = []
+    if path.exists():
+        with open(path, newline="") as file:
+            existing = list(csv.DictReader(file))
+    if existing and not append and len(rows) < len(existing):
+        raise SystemExit(f"refusing to replace {path} ({len(existing)} rows) with "
+                         f"{len(rows)} rows: pass --out for another file, or --append")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not (append and existing)
+    with open(path, "w" if new_file else "a", newline="") as file:
         writer = csv.DictWriter(file, columns, extrasaction="ignore")
         if new_file:
             writer.writeheader()
         writer.writerows(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=None,
+                        help="comma-separated torchvision/<name> or timm/<name>")
+    parser.add_argument("--all", action="store_true",
+                        help="the float64 sweep in both modes over every model of the zoo")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--counts-only", action="store_true", help="convert and count only")
+    parser.add_argument("--out", type=Path, default=None, help="CSV to write")
+    parser.add_argument("--append", action="store_true", help="add the rows to --out")
+    args = parser.parse_args(argv)
+    try:
+        if args.all:
+            return _main_all(args)
+        return _main_table(args)
+    except MissingPackage as error:
+        print(f"error: {error}; nothing written", file=sys.stderr)
+        return 2
+
+
+def _main_table(args) -> int:
+    rows = []
+    for model_name in (args.models or ",".join(MODELS)).split(","):
+        rows += run(model_name, args.image_size, args.batch, args.counts_only, args.seed)
+        print(markdown(rows[-1:], COUNT_COLUMNS + CHECK_COLUMNS), flush=True)
+    columns = COUNT_COLUMNS + ([] if args.counts_only else CHECK_COLUMNS) + RUN_COLUMNS
+    write_rows(args.out or DEFAULT_OUT, columns, rows, args.append)
     print(markdown(rows, columns[:-len(RUN_COLUMNS)] + ["backend", "seconds"]))
-    print(f"wrote {len(rows)} rows to {args.out}")
+    print(f"wrote {len(rows)} rows to {args.out or DEFAULT_OUT}")
     return 0
+
+
+def _main_all(args) -> int:
+    """The sweep: rows go to <out>.partial as they come, which replaces out at the end."""
+    from tqdm import tqdm
+    ops.INTERPRETING = False  # PyTorch's reference path: the sweep checks the rewrite
+    names = args.models.split(",") if args.models else all_models()
+    out = args.out or SWEEP_OUT
+    partial = out.with_suffix(out.suffix + ".partial")
+    partial.unlink(missing_ok=True)
+    rows = []
+    with tqdm(names, unit="model", file=sys.stderr) as progress:
+        for model_name in progress:
+            progress.set_postfix_str(model_name)
+            rows.append(_sweep_with_sizes(model_name, args.image_size, args.batch, args.seed))
+            write_rows(partial, SWEEP_COLUMNS, rows[-1:], append=True)
+            print(markdown(rows[-1:], SWEEP_COLUMNS), flush=True)
+    write_rows(out, SWEEP_COLUMNS, rows, args.append)
+    partial.unlink()
+    print(summary(rows))
+    return 0 if all(row.get("exact", True) for row in rows) else 1
+
+
+def summary(rows: list[dict]) -> str:
+    """The totals of a sweep, as the README gives them."""
+    done = [row for row in rows if "exact" in row]
+    batchnorms = sum(row["batchnorms"] for row in done)
+    fused = sum(row["fused"] for row in done)
+    return (f"{len(rows)} models: {sum(row['exact'] for row in done)} exact in both modes "
+            f"converted in either, {len(done) - sum(row['exact'] for row in done)} not, "
+            f"{len(rows) - len(done)} not run; {sum(row['leaves'] > 0 for row in done)} with "
+            f"leaves; {fused} of {batchnorms} BatchNorms fused "
+            f"({fused / max(batchnorms, 1):.1%})")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ same model: outputs, gradients, running statistics and state_dict, in training a
 torchvision and timm models: test_zoo.py."""
 import copy
 import logging
+import pickle
+import warnings
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import DEVICE
-from tritonbn import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from tritonbn import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, ops
 from tritonbn.convert import FusedPair, call_with_residual, fuse_bn_act
 
 # BatchNorm's backward subtracts two per-channel means from the incoming gradient: the last
@@ -357,31 +359,36 @@ def test_left_alone_with_its_reason(then, reason):
 
 
 class TwoBranches(nn.Module):
-    """relu(bn_a(x) + bn_b(x)), with an in-place op between the two BatchNorms or not."""
+    """relu(bn_a(fc_a(x)) + bn_b(h)), with, between the two BatchNorms, nothing, an in-place op
+    on h (a new tensor: bn_a can still move past it), or one on v, made before bn_a's call (it
+    cannot tell that v does not share memory with bn_a's input)."""
 
-    def __init__(self, in_place_between: bool):
+    def __init__(self, in_place_between: str = ""):
         super().__init__()
         self.in_place_between = in_place_between
         self.fc_a, self.fc_b = nn.Linear(4, 3, bias=False), nn.Linear(4, 3, bias=False)
         self.bn_a, self.bn_b = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
 
     def forward(self, x):
+        v = x * 2
         a = self.bn_a(self.fc_a(x))
         h = self.fc_b(x)
-        if self.in_place_between:
+        if self.in_place_between == "fresh":
             h = F.silu(h, inplace=True)
+        elif self.in_place_between == "earlier":
+            h = self.fc_b(v.relu_())
         return F.relu(a + self.bn_b(h))
 
 
-@pytest.mark.parametrize("in_place_between", [False, True], ids=["first", "second"])
+@pytest.mark.parametrize("in_place_between", ["", "fresh", "earlier"])
 def test_an_add_of_two_batchnorms_goes_to_the_first_that_can_move(in_place_between):
     model = TwoBranches(in_place_between).to(DEVICE)
     converted = fuse_bn_act(model)
-    winner, loser = ("bn_b", "bn_a") if in_place_between else ("bn_a", "bn_b")
+    winner, loser = ("bn_b", "bn_a") if in_place_between == "earlier" else ("bn_a", "bn_b")
     assert converted.fused_pairs == (FusedPair(winner, "torch.nn.functional.relu", loser),)
     assert converted.left_alone == {loser: (
-        "what runs between it and its add writes in place or uses it" if in_place_between
-        else "feeds an add fused with another BatchNorm")}
+        "what runs between it and its add writes in place or uses it"
+        if in_place_between == "earlier" else "feeds an add fused with another BatchNorm")}
     assert_same_model(model, converted, randn((5, 4)), train_steps=1)
 
 
@@ -520,11 +527,13 @@ def test_hooks_and_subclasses_are_left_alone():
 
 def test_untraceable_model_warns_and_comes_back_unchanged():
     model = DataDependent().to(DEVICE)
-    with pytest.warns(UserWarning, match=r"cannot trace DataDependent \(TraceError.*y\.sum\(\)"):
+    with pytest.warns(UserWarning, match=r"DataDependent kept as opaque calls.*the model: "
+                                         r"torch.fx cannot trace it \(TraceError.*y\.sum\(\)"):
         result = fuse_bn_act(model)
     assert result is not model and type(result) is DataDependent
     assert result.fused_pairs == ()
-    assert result.left_alone == {"bn": "torch.fx cannot trace the model"}
+    assert result.left_alone == {"bn": "it is inside a leaf: the model"}
+    assert list(result.leaves) == [""]
     assert type(result.bn) is nn.BatchNorm1d
     assert_same_model(model, result, randn((4, 3)))
 
@@ -578,3 +587,208 @@ def test_reports_through_logging(caplog):
     assert "fused bn1 + relu into BatchNormAct2d(activation=relu)" in caplog.text
     assert "fused bn2 + relu + x into BatchNormAct2d(activation=relu)" in caplog.text
     assert "bn3 left alone: it is not called by forward" in caplog.text
+
+
+@pytest.fixture
+def reference_backend(monkeypatch):
+    """CPU tensors take PyTorch's reference path instead of the interpreter: the tests that
+    use it check the graph rewrite, which the kernels do not change."""
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(ops, "INTERPRETING", False)
+
+
+def assert_same_in_both_modes(model: nn.Module, make_inputs, converted_in=(True, False)):
+    """Converted in training and in eval mode, the model computes the original's function in
+    both modes, random ops seeded alike: outputs (any structure), input and parameter
+    gradients and buffers, in float64."""
+    model = model.to(DEVICE, torch.float64)
+    inputs = make_inputs()
+    inputs = tuple(t.double() for t in (inputs if isinstance(inputs, tuple) else (inputs,)))
+    expected = {training: _seeded_step(copy.deepcopy(model), inputs, training)
+                for training in (True, False)}
+    for mode in converted_in:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the leaves' warning: the tests check it once
+            converted = fuse_bn_act(copy.deepcopy(model).train(mode))
+        for training in (True, False):
+            result = _seeded_step(copy.deepcopy(converted), inputs, training)
+            torch.testing.assert_close(result, expected[training], rtol=1e-9, atol=1e-12,
+                                       msg=lambda text, m=mode, t=training:
+                                       f"converted in training={m}, run in training={t}: {text}")
+
+
+def _seeded_step(model: nn.Module, inputs: tuple, training: bool) -> dict:
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    torch.manual_seed(0)
+    output = model.train(training)(*inputs)
+    tensors = output if isinstance(output, tuple) else (output,)
+    sum((t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype, device=t.device).view(t.shape))
+        .sum() for t in tensors).backward()
+    return {"output": output, "input_grads": [t.grad for t in inputs],
+            "grads": {name: p.grad for name, p in model.named_parameters()},
+            "buffers": dict(model.named_buffers())}
+
+
+def conv_bn_relu(channels: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(channels), nn.ReLU())
+
+
+class DropoutHead(nn.Module):
+    """timm's head: F.dropout(training=self.training) after the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = conv_bn_relu()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        x = self.features(x).mean((2, 3))
+        return self.fc(F.dropout(x, p=0.5, training=self.training))
+
+
+class AuxiliaryHead(nn.Module):
+    """GoogLeNet's pattern: in training, the output and an auxiliary head's; in eval, one."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.body, self.aux = conv_bn_relu(), conv_bn_relu(), conv_bn_relu()
+
+    def forward(self, x):
+        x = self.stem(x)
+        if self.training:
+            return self.body(x), self.aux(x)
+        return self.body(x)
+
+
+class Reparameterisable(nn.Module):
+    """A branch that only trains (RepVGG's before reparameterisation): bn1's output and the
+    add it feeds exist in training mode only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv3, self.bn3 = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.conv1, self.bn1 = nn.Conv2d(3, 3, 1, bias=False), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.bn3(self.conv3(x))
+        if self.training:
+            y = y + self.bn1(self.conv1(x))
+        return F.relu(y)
+
+
+USE_GELU = True
+
+
+class GlobalFlag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = conv_bn_relu()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.bn(self.features(x))
+        return F.gelu(y) if USE_GELU else F.relu(y)
+
+
+@pytest.mark.parametrize("make, fused, leaf_line", [
+    (DropoutHead, [FusedPair("features.1", "features.2")], "F.dropout(x, p=0.5"),
+    (AuxiliaryHead, [FusedPair(f"{path}.1", f"{path}.2") for path in ("stem", "body", "aux")],
+     "if self.training:"),
+    (lambda: nn.Sequential(conv_bn_relu(), Reparameterisable(), Reparameterisable()),
+     [FusedPair("0.1", "0.2")], "if self.training:"),
+], ids=["dropout-head", "auxiliary-head", "reparameterisable"])
+@pytest.mark.usefixtures("reference_backend")
+def test_what_reads_the_mode_stays_a_call_and_both_modes_stay_exact(make, fused, leaf_line):
+    """torch.fx would freeze the mode the model was converted in; the module that reads it
+    stays a call, its children fuse, and either conversion computes the original's function
+    in either mode."""
+    model = make()
+    with pytest.warns(UserWarning, match="kept as opaque calls"):
+        converted = fuse_bn_act(model)
+    assert list(converted.fused_pairs) == fused
+    assert converted.leaves and all(f"it reads the module mode (training) at {__file__}" in why
+                                    and leaf_line in why for why in converted.leaves.values())
+    assert_same_in_both_modes(model, randn((2, 3, 4, 5)))
+
+
+def test_a_global_flag_read_in_forward_stays_live():
+    global USE_GELU
+    model = GlobalFlag()
+    with pytest.warns(UserWarning, match="USE_GELU"):
+        converted = fuse_bn_act(model)
+    assert converted.leaves == {"": converted.leaves[""]}
+    assert "it reads USE_GELU, which a trace would freeze" in converted.leaves[""]
+    assert converted.fused_pairs == (FusedPair("features.1", "features.2"),)
+    assert converted.left_alone == {"bn": "it is inside a leaf: the model"}
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    try:
+        for USE_GELU in (True, False):
+            torch.testing.assert_close(converted.eval()(x), model.eval()(x))
+    finally:
+        USE_GELU = True
+
+
+class Untraceable(nn.Module):
+    """Control flow on a traced value in its own forward; its children trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = conv_bn_relu()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x.flip(-1)
+        return self.bn(self.inner(x))
+
+
+@pytest.mark.usefixtures("reference_backend")
+def test_fusion_goes_on_around_an_untraceable_submodule():
+    model = nn.Sequential(conv_bn_relu(), Untraceable(), nn.BatchNorm2d(3), nn.ReLU())
+    with pytest.warns(UserWarning, match=r"kept as opaque calls.*1: torch.fx cannot trace it "
+                                         r"\(TraceError.*if x\.sum\(\) > 0"):
+        converted = fuse_bn_act(model)
+    assert list(converted.leaves) == ["1"]
+    assert converted.fused_pairs == (FusedPair("0.1", "0.2"), FusedPair("2", "3"),
+                                     FusedPair("1.inner.1", "1.inner.2"))
+    assert converted.left_alone == {"1.bn": "it is inside a leaf: 1"}
+    assert type(converted.get_submodule("1.inner.1")) is BatchNormAct2d
+    assert isinstance(converted.get_submodule("1"), Untraceable)
+    assert_same_in_both_modes(model, randn((2, 3, 4, 5)))
+
+
+def test_a_submodule_run_inside_the_graph_refuses_to_run_alone():
+    """Its BatchNorms now apply what its forward applies after them: calling it alone would
+    apply that twice. Pickle refuses a module whose forward was replaced, rather than restore
+    its original class."""
+    model = nn.Sequential(conv_bn_relu(), Untraceable())
+    with pytest.warns(UserWarning):
+        converted = fuse_bn_act(model)
+    with pytest.raises(RuntimeError, match="runs inside the graph of the converted model"):
+        converted.get_submodule("0")(torch.randn(2, 3, 4, 4, device=DEVICE))
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        pickle.dumps(converted.get_submodule("1.inner"))
+    blocks = fuse_bn_act(nn.Sequential(BasicBlock(), BasicBlock()).to(DEVICE)).eval()
+    loaded = pickle.loads(pickle.dumps(blocks))  # a GraphModule pickles, guards and all
+    with pytest.raises(RuntimeError, match="runs inside the graph"):
+        loaded.get_submodule("1")(torch.randn(2, 4, 3, 3, device=DEVICE))
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    torch.testing.assert_close(loaded(x), blocks(x))
+
+
+@pytest.mark.usefixtures("reference_backend")
+def test_an_add_of_zero_and_a_shape_read_do_not_block_the_fusion():
+    class ZeroAndShape(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.bn(x)
+            return F.relu(y + 0).reshape(y.shape[0], -1) * y.size(1)
+
+    model = ZeroAndShape()
+    converted = fuse_bn_act(model)
+    assert converted.fused_pairs == (FusedPair("bn", "torch.nn.functional.relu"),)
+    assert_same_in_both_modes(model, randn((2, 3, 4, 5)), converted_in=(True,))

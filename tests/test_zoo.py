@@ -9,6 +9,7 @@ tests skip, except in CI (CI=true), where they fail.
 """
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,8 @@ import torch
 from torch import nn
 
 from conftest import DEVICE
-from test_convert import assert_same_model, randn
-from tritonbn import BatchNormAct2d, ops
+from test_convert import assert_same_model, randn, reference_backend  # noqa: F401
+from tritonbn import BatchNormAct2d
 from tritonbn.convert import FusedPair, fuse_bn_act
 
 
@@ -49,9 +50,10 @@ EXPECTED = {
     "torchvision/resnet50": (53, 49, 49, 16, {"feeds an add fused with another BatchNorm": 4}),
     "torchvision/resnext50_32x4d": (53, 49, 49, 16,
                                     {"feeds an add fused with another BatchNorm": 4}),
-    # proj(x) + f(x): f's in-place ReLUs run between proj's BatchNorm and the add.
-    "torchvision/regnet_y_400mf": (53, 49, 49, 16, {
-        "what runs between it and its add writes in place or uses it": 4}),
+    # proj(x) + f(x): proj's BatchNorm moves past f's in-place ReLUs, which write into
+    # tensors f allocates, and takes the add.
+    "torchvision/regnet_y_400mf": (53, 49, 49, 16,
+                                   {"feeds an add fused with another BatchNorm": 4}),
     "torchvision/mobilenet_v2": (52, 45, 35, 10, {"feeds a Conv2d": 2,
                                                   "its output has 2 consumers": 5}),
     "torchvision/mobilenet_v3_large": (46, 41, 31, 10, {"its output has 2 consumers": 5}),
@@ -69,15 +71,9 @@ EXPECTED = {
 }
 
 
-@pytest.fixture
-def reference_backend(monkeypatch):
-    """CPU tensors take PyTorch's reference path instead of the interpreter."""
-    if DEVICE.type == "cpu":
-        monkeypatch.setattr(ops, "INTERPRETING", False)
-
-
 @pytest.mark.parametrize("model_name", EXPECTED)
-def test_zoo_counts_and_same_function(model_name, reference_backend):
+@pytest.mark.usefixtures("reference_backend")
+def test_zoo_counts_and_same_function(model_name):
     batchnorms, fused, with_activation, with_residual, reasons = EXPECTED[model_name]
     (train, evaluation) = zoo.run(model_name, image_size=32, batch=2, counts_only=False,
                                   seed=torch.randint(2**31, ()).item())
@@ -87,6 +83,35 @@ def test_zoo_counts_and_same_function(model_name, reference_backend):
     assert (train["mode"], evaluation["mode"]) == ("train", "eval")
     for row in (train, evaluation):
         assert row["ratio_fp64"] <= 2, row
+
+
+# perf/zoo.py --all's check on a sample that is cheap at 64x64 in float64: (BatchNorms, fused,
+# leaves, {reason: count} of the BatchNorms left alone). With EXPECTED, 20 models in CI.
+SWEEP_SAMPLE = {
+    # Their forward reads self.training: an auxiliary head, a dropout head.
+    "torchvision/googlenet": (59, 59, 1, {}),
+    "timm/legacy_seresnet18": (20, 20, 1, {}),
+    # timm's registered leaves: its "same" padding convs.
+    "timm/tf_mobilenetv3_small_075": (34, 34, 5, {}),
+    "timm/mobilenetv2_035": (52, 52, 0, {}),
+    "timm/test_efficientnet": (13, 13, 0, {}),
+    "timm/test_byobnet": (14, 14, 0, {}),
+    "timm/test_resnet": (15, 12, 0, {"feeds an add fused with another BatchNorm": 3}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", SWEEP_SAMPLE)
+@pytest.mark.usefixtures("reference_backend")
+def test_zoo_sweep_sample_is_exact_in_both_modes(model_name):
+    """Converted in training and in eval mode, the model computes the unconverted one's
+    function in both modes, in float64: outputs, gradients and running statistics."""
+    batchnorms, fused, leaves, reasons = SWEEP_SAMPLE[model_name]
+    row = zoo.sweep(model_name, image_size=64, batch=2, seed=torch.randint(2**31, ()).item())
+    print(row)
+    assert (row["batchnorms"], row["fused"], row["leaves"]) == (batchnorms, fused, leaves)
+    assert row["left_alone"] == "; ".join(f"{n} {reason}" for reason, n in reasons.items())
+    assert row["exact"], row
 
 
 def test_torchvision_resnet50_pairs():
@@ -201,3 +226,42 @@ def test_zoo_script_writes_counts(tmp_path):
     assert header.split(",")[:5] == ["model", "batchnorms", "fused", "with_activation",
                                      "with_residual"]
     assert row.startswith("timm/resnet50,53,49,49,16,4 feeds an add fused with another")
+
+
+def test_zoo_script_never_replaces_rows_with_fewer(tmp_path):
+    out = tmp_path / "zoo.csv"
+    out.write_text("model,batchnorms\na,1\nb,2\n")
+    with pytest.raises(SystemExit, match="refusing to replace .* \\(2 rows\\) with 1 rows"):
+        zoo.main(["--models", "torchvision/resnet18", "--counts-only", "--out", str(out)])
+    assert out.read_text() == "model,batchnorms\na,1\nb,2\n"
+
+
+def test_zoo_script_names_the_missing_package_and_fails(tmp_path, monkeypatch, capsys):
+    """Without timm a torchvision model still runs, and a timm model stops the run, with a
+    message naming timm, exit status 2, and nothing written."""
+    import_module = zoo.importlib.import_module
+
+    def without_timm(name):
+        if name.split(".")[0] == "timm":
+            raise ModuleNotFoundError("No module named 'timm'")
+        return import_module(name)
+
+    monkeypatch.setattr(zoo.importlib, "import_module", without_timm)
+    out = tmp_path / "zoo.csv"
+    assert zoo.main(["--models", "torchvision/resnet18", "--counts-only", "--out", str(out)]) == 0
+    assert zoo.main(["--models", "torchvision/resnet18,timm/resnet50", "--counts-only",
+                     "--out", str(tmp_path / "other.csv")]) == 2
+    error = capsys.readouterr().err
+    assert "timm/resnet50 needs timm, which cannot be imported" in error
+    assert "resnet18" not in error and not (tmp_path / "other.csv").exists()
+
+
+def test_timm_registered_leaves_are_kept_as_calls_without_a_warning():
+    from timm.layers import Conv2dSame
+    model = nn.Sequential(Conv2dSame(3, 3, 3, stride=2), nn.BatchNorm2d(3), nn.ReLU())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted = fuse_bn_act(model)
+    assert converted.leaves == {"0": "timm registers it as not traceable by torch.fx"}
+    assert converted.fused_pairs == (FusedPair("1", "2"),)
+    assert_same_model(model, converted, randn((2, 3, 5, 5)), train_steps=1)

@@ -18,7 +18,8 @@ timm's ``BatchNormAct2d`` (when timm builds the model) is converted too, with it
 activation, when its drop layer is a no-op; if that activation is ``nn.Identity`` it continues
 like a plain BatchNorm into an activation or add after it, and is converted alone otherwise.
 
-No-op modules are ``nn.Identity``, and, with a drop rate of 0 at conversion time,
+No-op modules are ``nn.Identity``, an add of the constant 0, and, with a drop rate of 0 at
+conversion time,
 ``nn.Dropout``, torchvision's ``StochasticDepth`` and timm's ``DropPath`` and ``DropBlock2d``.
 A drop rate above 0 is never a no-op, not even in eval mode: the mode can change after the
 conversion. The stochastic modules stay leaves of the trace for that reason, so that their mode
@@ -28,9 +29,13 @@ An add's other operand can have a different shape (a broadcast bias), dtype or d
 graph does not show: a fused call with a residual goes through ``call_with_residual``, which
 checks them at run time and falls back to the unfused computation when they differ. A fused
 call with a residual runs where the add ran, so it is moved past what ran between the
-BatchNorm and the add; that is refused if something there writes in place, calls the same
-BatchNorm or reads its state. When both operands of an add come from qualifying BatchNorms, the
-first one that can move takes the add (in ResNet, ``bn3`` takes ``downsample.1`` as residual).
+BatchNorm and the add; that is refused if something there calls the same BatchNorm or reads
+its state, writes in place into a tensor that may share memory with the BatchNorm's input (one
+not allocated in between by a conv, linear, BatchNorm, pooling or arithmetic call), or calls a
+leaf module (see below) on such a tensor. Reads of the BatchNorm output's shape do not count as
+its consumers: they read its input's shape instead. When both operands of an add come from
+qualifying BatchNorms, the first one that can move takes the add (in ResNet, ``bn3`` takes
+``downsample.1`` as residual).
 
 The BatchNorm module is replaced, at its own attribute path and sharing its parameters and
 buffers, by the matching BatchNormAct; the fused activation and add calls leave the graph. A
@@ -44,15 +49,29 @@ order, so ``state_dict()`` keys are exactly the original's and checkpoints load 
 Activation modules stay in place even where no call uses them any more. Being a GraphModule
 (named after the model's class, as fx.symbolic_trace names it), the result keeps the traced
 ``forward`` only: other methods of the model's class are not on it, and a converted
-nn.Sequential is reached by ``get_submodule("3")``, not by index.
+nn.Sequential is reached by ``get_submodule("3")``, not by index. A submodule whose forward was
+traced into the graph and holds a fused BatchNorm raises if called on its own: its forward
+would apply the fused activation or residual a second time.
 
-A model torch.fx cannot trace (data-dependent control flow, for one) is returned unchanged, as
-a deep copy, with a warning that names the error and the line of the model's code that raised.
+A trace freezes every Python value its code reads. What would change the computation later is
+kept out of the graph: a submodule whose forward reads a module's ``training`` flag (a dropout
+head, an auxiliary head, a branch that only trains), a global bool or the grad mode, or whose
+forward torch.fx cannot trace (data-dependent control flow, for one), stays a call of its own
+forward, a leaf of the trace, and so do the modules timm registers as not traceable. The
+children of each leaf are converted in turn, each keeping its class with a fused forward; a
+model whose own forward is such a leaf comes back as a copy of itself, fused inside its
+children. ``leaves`` names each with the reason and the line of code, and a warning says how
+many there are. What a trace freezes otherwise (a plain Python attribute read in forward)
+stays frozen, as in any torch.fx graph.
 """
+import contextlib
 import copy
+import dis
+import linecache
 import logging
 import operator
 import os
+import sys
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -106,7 +125,16 @@ _NEUTRAL_PARAMETERS = {"inplace": None, "scale": 1, "input_scale": 1}
 _ADDS = {(op, target) for op, targets in (("call_function", (operator.add, torch.add)),
                                           ("call_method", ("add", "add_")))
          for target in targets}
+# Calls whose result is a new tensor, never a view or their input itself.
+_ALLOCATING_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d,
+                       nn.BatchNorm2d, nn.BatchNorm3d, nn.AdaptiveAvgPool2d, nn.AvgPool2d,
+                       nn.MaxPool2d)
+_ALLOCATING_FUNCTIONS = (operator.add, operator.mul, operator.sub, operator.truediv, torch.add,
+                         torch.mul, torch.cat, F.conv2d, F.linear)
 _TORCH_DIR = os.path.dirname(torch.__file__)  # frames under it are not the model's code
+# Calls in a forward whose result a trace would freeze.
+_FROZEN_CALLS = ("is_grad_enabled", "is_autocast_enabled", "is_inference_mode_enabled")
+_MOST_LEAVES = 64  # leaves found one trace at a time; past this the module is a leaf itself
 
 
 class FusedPair(NamedTuple):
@@ -133,18 +161,149 @@ def call_with_residual(bn: nn.Module, input: Tensor, residual: Tensor) -> Tensor
 
 
 class _Tracer(fx.Tracer):
-    """fx's default tracer that also keeps as leaves every BatchNorm (subclasses too, whose
-    forward fx cannot trace: it checks the input's dims), tritonbn's own modules (so an already
-    converted model converts again to itself), and the stochastic drop modules, whose forward
-    depends on the mode."""
+    """fx's default tracer that also keeps as leaves (opaque calls) every BatchNorm (subclasses
+    too, whose forward fx cannot trace: it checks the input's dims), tritonbn's own modules (so
+    an already converted model converts again to itself), the stochastic drop modules, whose
+    forward depends on the mode, timm's registered leaves, and the modules in ``leaves``.
 
-    def __init__(self):
-        super().__init__(autowrap_functions=(call_with_residual,))
+    While it traces it notes, for the module whose forward runs, what a trace would freeze: a
+    read of a module's ``training`` flag, a global bool, ``torch.is_grad_enabled()``
+    (``frozen``), and the module whose forward raised an error (``raised_in``)."""
+
+    def __init__(self, leaves: Optional[dict[str, str]] = None):
+        super().__init__(autowrap_functions=(call_with_residual, *_timm_registry()[1]))
+        self.leaves = {} if leaves is None else leaves  # none when a GraphModule unpickles
+        self.reached: dict[str, str] = {}  # leaves called, other than tritonbn's own rules
+        self.traced_through: set[str] = set()
+        self.running = [""]  # paths of the modules whose forward runs, innermost last
+        self.frozen: dict[str, str] = {}
+        self.raised_in: dict[int, str] = {}  # id(error) -> path
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return (isinstance(module, nn.modules.batchnorm._BatchNorm)
                 or _class_name(module) in _DROP_RATES
+                or self._leaf_reason(module, qualified_name) is not None
                 or super().is_leaf_module(module, qualified_name))
+
+    def _leaf_reason(self, module: nn.Module, path: str) -> Optional[str]:
+        if path in self.leaves:
+            return self.leaves[path]
+        registered = _timm_registry()[0]
+        if _Watch.unwatched(type(module)) in registered and _fused_class(module) is None:
+            return "timm registers it as not traceable by torch.fx"
+        return None
+
+    def trace(self, root: nn.Module, concrete_args=None) -> fx.Graph:
+        self._note_frozen_code(type(root).forward, "")
+        return super().trace(root, concrete_args)
+
+    def call_module(self, module, forward, args, kwargs):
+        path = self.path_of_module(module)
+        if self.is_leaf_module(module, path):
+            reason = self._leaf_reason(module, path)
+            if reason is not None:
+                self.reached[path] = reason
+            return super().call_module(module, forward, args, kwargs)
+        self.traced_through.add(path)
+        self._note_frozen_code(type(module).forward, path)
+        self.running.append(path)
+        try:
+            return super().call_module(module, forward, args, kwargs)
+        except Exception as error:
+            self.raised_in.setdefault(id(error), path)
+            raise
+        finally:
+            self.running.pop()
+
+    def note_training_read(self, frame) -> None:
+        self.frozen.setdefault(self.running[-1],
+                               f"it reads the module mode (training) at {_where(frame)}")
+
+    def _note_frozen_code(self, function, path: str) -> None:
+        """Note a read of a global bool or of the grad mode in function's own code."""
+        code = getattr(function, "__code__", None)
+        if code is None or code.co_filename.startswith(_TORCH_DIR):
+            return
+        for instruction in dis.get_instructions(code):
+            name = instruction.argval
+            if ((instruction.opname == "LOAD_GLOBAL"
+                 and type(function.__globals__.get(name)) is bool)
+                    or (isinstance(name, str) and name in _FROZEN_CALLS)):
+                line = instruction.positions.lineno if instruction.positions else None
+                text = linecache.getline(code.co_filename, line or 0).strip()
+                self.frozen.setdefault(path, f"it reads {name}, which a trace would freeze, "
+                                             f"at {code.co_filename}:{line}: {text}")
+                return
+
+
+def _where(frame) -> str:
+    return (f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}: "
+            f"{linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()}")
+
+
+class _Watch:
+    """While a _Tracer traces, module classes are swapped for subclasses whose ``training`` is
+    a property that tells the tracer of each read (the flag lives in the instance dict still)."""
+
+    tracer: Optional[_Tracer] = None
+    classes: dict = {}
+
+    @staticmethod
+    def read(module):
+        if _Watch.tracer is not None:
+            _Watch.tracer.note_training_read(sys._getframe(1))
+        return module.__dict__["training"]
+
+    @staticmethod
+    def write(module, mode):
+        module.__dict__["training"] = mode
+
+    @classmethod
+    def unwatched(cls, watched: type) -> type:
+        original = watched.__bases__[0]
+        return original if cls.classes.get(original) is watched else watched
+
+    @classmethod
+    def watched_class(cls, original: type) -> type:
+        if original not in cls.classes:
+            cls.classes[original] = type(original)(
+                original.__name__, (original,),
+                {"training": property(cls.read, cls.write), "__module__": original.__module__,
+                 "__qualname__": original.__qualname__})
+        return cls.classes[original]
+
+
+@contextlib.contextmanager
+def _watching(root: nn.Module, tracer: _Tracer):
+    swapped = []
+    for module in root.modules():
+        original = type(module)
+        try:
+            module.__class__ = _Watch.watched_class(original)
+        except TypeError:  # a layout Python cannot swap (a ScriptModule): kept as a call
+            tracer.leaves.setdefault(_path_in(root, module), "its class cannot be watched")
+            continue
+        swapped.append((module, original))
+    _Watch.tracer = tracer
+    try:
+        yield
+    finally:
+        _Watch.tracer = None
+        for module, original in swapped:
+            module.__class__ = original
+
+
+def _path_in(root: nn.Module, module: nn.Module) -> str:
+    return next(name for name, candidate in root.named_modules() if candidate is module)
+
+
+def _timm_registry() -> tuple[tuple, tuple]:
+    """(module classes, functions) timm registers as not traceable; empty unless timm is
+    imported (a model built by timm has imported it)."""
+    timm_fx = sys.modules.get("timm.layers._fx")
+    if timm_fx is None:
+        return (), ()
+    return tuple(timm_fx.get_notrace_modules()), tuple(timm_fx.get_notrace_functions())
 
 
 @dataclass
@@ -168,27 +327,107 @@ def fuse_bn_act(model: nn.Module) -> nn.Module:
     add after it run as one BatchNormAct1d/2d/3d (see the module docstring for what qualifies).
 
     Returns a ``torch.fx.GraphModule`` with the model's state_dict keys, train/eval modes,
-    devices and dtypes. Its attribute ``fused_pairs`` lists what was fused, as ``FusedPair``
-    tuples in the order of the BatchNorms' first calls, and ``left_alone`` maps the path of every
-    other BatchNorm module to the reason it was not converted. Each pair is also logged at INFO
-    level, each BatchNorm left alone at DEBUG level. An untraceable model comes back as a deep
-    copy with a warning, ``fused_pairs == ()`` and every BatchNorm in ``left_alone``.
+    devices and dtypes, or, when the model's own forward cannot be traced, a copy of the model
+    itself fused inside its submodules. Its attribute ``fused_pairs`` lists what was fused, as
+    ``FusedPair`` tuples, ``left_alone`` maps the path of every other BatchNorm module to the
+    reason it was not converted, and ``leaves`` maps the path of every module kept as an
+    opaque call (the model's own is "") to the reason, with the line of code that stopped the
+    trace. Each pair is also logged at INFO level, each BatchNorm left alone at DEBUG level.
     """
     root = _copy(model)
-    try:
-        graph = _Tracer().trace(root)
-    except Exception as error:  # tracing runs arbitrary user code: any failure means "cannot"
-        warnings.warn(f"fuse_bn_act: torch.fx cannot trace {type(model).__name__} "
-                      f"({_describe(error)}); returning the model unchanged", stacklevel=2)
-        unchanged = _copy(model)  # tracing may have run side effects on root
-        unchanged.fused_pairs = ()
-        unchanged.left_alone = {name: "torch.fx cannot trace the model"
-                                for name, _ in _batchnorm_modules(unchanged)}
-        return unchanged
+    report = _Report()
+    converted = _convert(root, "", report)
+    converted.fused_pairs = tuple(report.fused_pairs)
+    converted.leaves = dict(report.leaves)
+    converted.left_alone = {}
+    for name, module in _batchnorm_modules(model):
+        if name in report.fused:
+            continue
+        enclosing = max((leaf for leaf in report.leaves if _is_inside(name, leaf)), key=len,
+                        default=None)
+        reason = (report.refused.get(name) or _module_refusal(module)
+                  or (enclosing is not None and f"it is inside a leaf: {enclosing or 'the model'}")
+                  or "it is not called by forward")
+        converted.left_alone[name] = reason
+        logger.debug("fuse_bn_act: %s left alone: %s", name, reason)
+    kept = {path: reason for path, reason in report.leaves.items()
+            if "timm registers" not in reason}
+    if kept:
+        first = next(iter(kept))
+        warnings.warn(f"fuse_bn_act: {len(kept)} submodule(s) of {type(model).__name__} kept as "
+                      f"opaque calls, fused inside (see .leaves); {first or 'the model'}: "
+                      f"{kept[first]}", stacklevel=2)
+    logger.info("fuse_bn_act: %d call(s) fused in %s", len(report.fused_pairs),
+                type(model).__name__)
+    return converted
 
+
+@dataclass
+class _Report:
+    fused_pairs: list = field(default_factory=list)
+    fused: set = field(default_factory=set)
+    refused: dict = field(default_factory=dict)
+    leaves: dict = field(default_factory=dict)
+
+
+def _is_inside(path: str, ancestor: str) -> bool:
+    return ancestor == "" or path.startswith(ancestor + ".")
+
+
+def _convert(module: nn.Module, prefix: str, report: _Report) -> nn.Module:
+    """module (the caller's own copy) fused: a GraphModule at the top (prefix ""), module
+    itself with a fused forward below; module as it is if its forward cannot be traced. The
+    children of every leaf are converted in turn, and report gains what was done."""
+    graph, scratch, leaves, traced_through = _trace(module)
+    report.leaves.update((prefix + path if path else prefix.rstrip("."), reason)
+                         for path, reason in leaves.items())
+    result = module
+    if graph is not None:
+        result = _fuse(module, graph, scratch, traced_through, prefix, report)
+    for leaf in leaves:
+        for name, child in module.get_submodule(leaf).named_children():
+            if _batchnorm_modules(child) and _fused_class(child) is None:
+                _convert(child, f"{prefix}{leaf}.{name}." if leaf else f"{prefix}{name}.", report)
+    return result
+
+
+def _trace(module: nn.Module):
+    """(graph or None, the copy of module traced, {path: reason} of the leaves, "" for module
+    itself when its own forward cannot be traced or reads what a trace would freeze, the paths
+    of the submodules traced through).
+
+    A submodule that raises while traced, or whose forward reads what a trace would freeze,
+    becomes a leaf, and the trace starts again on a fresh copy (the failed trace may have run
+    side effects on its own)."""
+    leaves: dict[str, str] = {}
+    while True:
+        scratch = _copy(module)
+        tracer = _Tracer(leaves)
+        try:
+            with _watching(scratch, tracer):
+                graph = tracer.trace(scratch)
+        except Exception as error:  # tracing runs arbitrary user code: any failure means "cannot"
+            failed = {tracer.raised_in.get(id(error), ""):
+                      f"torch.fx cannot trace it ({_describe(error)})"}
+        else:
+            failed = {path: reason for path, reason in tracer.frozen.items()
+                      if path not in leaves}
+            if not failed:
+                return graph, scratch, tracer.reached, tracer.traced_through
+        if "" in failed or len(leaves) >= _MOST_LEAVES:
+            reason = failed.get("", f"over {_MOST_LEAVES} of its submodules are leaves")
+            return None, None, {"": reason}, ()
+        leaves.update(failed)
+
+
+def _fuse(root: nn.Module, graph: fx.Graph, scratch: nn.Module, traced_through, prefix: str,
+          report: _Report) -> nn.Module:
+    """Rewrite graph (traced from scratch, a copy of root) and root's BatchNorms; root as a
+    GraphModule if prefix is "" (the top), else root with its forward replaced."""
     calls = _batchnorm_calls(root, graph)
     routes, refused = _plan(root, calls)
-    fused_pairs, fused_nodes = [], {}
+    report.refused.update((prefix + name, reason) for name, reason in refused.items())
+    fused_nodes = {}
     for target, nodes in calls.items():
         if target in refused:
             continue
@@ -196,25 +435,72 @@ def fuse_bn_act(model: nn.Module) -> nn.Module:
         first = routes[nodes[0]]
         fused_class = _fused_class(bn)
         _replace_submodule(root, target, _fused_module(bn, fused_class, first))
+        report.fused.add(prefix + target)
         for node in nodes:
-            pair = _rewrite(graph, routes[node], fused_nodes)
-            fused_pairs.append(pair)
+            pair = FusedPair(*(prefix + name if name is not None and _is_path(root, name)
+                               else name for name in _rewrite(graph, routes[node], fused_nodes)))
+            report.fused_pairs.append(pair)
             logger.info("fuse_bn_act: fused %s into %s(activation=%s)",
                         " + ".join(filter(None, pair)), fused_class.__name__, first.activation)
     graph.lint()
-    fused = _graph_module(root, graph)
-    fused.fused_pairs = tuple(fused_pairs)
-    fused.left_alone = {}
-    for name, module in _batchnorm_modules(model):
-        if name in calls and name not in refused:
-            continue
-        reason = refused.get(name) or _module_refusal(module) or "it is not called by forward"
-        fused.left_alone[name] = reason
-        logger.debug("fuse_bn_act: %s left alone: %s", name, reason)
-    logger.info("fuse_bn_act: %d call(s) fused in %s", len(fused_pairs), type(model).__name__)
-    return fused
+    for node in graph.find_nodes(op="get_attr"):  # constants the tracer stored on scratch
+        head = node.target.split(".")[0]
+        if not hasattr(root, head):
+            setattr(root, head, getattr(scratch, head))
+    fused_paths = [target for target in calls if target not in refused]
+    for path in traced_through:
+        if any(_is_inside(target, path) for target in fused_paths):
+            _guard(root.get_submodule(path))
+    if not prefix:
+        return _graph_module(root, graph)
+    if fused_paths:
+        _swap_class(root, {"forward": type(fx.GraphModule(root, graph)).forward})
+    return root
 
 
+def _guard(module: nn.Module) -> nn.Module:
+    """module, made to raise when called: the graph holding it runs its code, fused."""
+    _swap_class(module, {"forward": _runs_inside_graph, "__reduce_ex__": _reduce_guarded})
+    return module
+
+
+def _reduce_guarded(self, protocol):
+    """Pickles as the original class does, and unpickles guarded again."""
+    guarded, self.__class__ = type(self), type(self).__bases__[0]
+    try:
+        _, (cls, *_), *state = self.__reduce_ex__(protocol)
+    finally:
+        self.__class__ = guarded
+    return (_unpickle_guarded, (cls,), *state)
+
+
+def _unpickle_guarded(cls: type) -> nn.Module:
+    return _guard(cls.__new__(cls))
+
+
+def _runs_inside_graph(self, *args, **kwargs):
+    raise RuntimeError(
+        f"fuse_bn_act: this {type(self).__name__} runs inside the graph of the converted model "
+        "that holds it, where its BatchNorms are fused with what follows them; its own forward "
+        "would apply those twice. Call the converted model, or convert this module on its own")
+
+
+def _swap_class(module: nn.Module, members: dict) -> None:
+    """Give module a subclass of its class with these members. The subclass is named apart
+    (``Block.<fused>``), so that pickle refuses it instead of restoring the original class."""
+    original = type(module)
+    module.__class__ = type(original)(
+        original.__name__, (original,),
+        {"__module__": original.__module__, "__qualname__": f"{original.__qualname__}.<fused>",
+         **members})
+
+
+def _is_path(root: nn.Module, name: str) -> bool:
+    try:
+        root.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 def _batchnorm_modules(model: nn.Module):
     """(path, module) of every BatchNorm in model that is not tritonbn's already."""
     return [(name, module) for name, module in model.named_modules()
@@ -301,8 +587,8 @@ def _route(root: nn.Module, bn_node: fx.Node):
         if own[0] != "identity":
             return _Route(bn_node, *own, consumer=f"{bn_node.target}.act")
         alone = _Route(bn_node)
-    noops, value = _through_noops(root, bn_node)
-    consumer = _sole_consumer(value)
+    noops, value = _through_noops(root, bn_node, shape_reads=True)
+    consumer = _sole_consumer(value, shape_reads=True)
     if isinstance(consumer, str):
         return alone or consumer
     activation = _activation_call(root, consumer, value)
@@ -333,26 +619,47 @@ def _route(root: nn.Module, bn_node: fx.Node):
     return route
 
 
-def _through_noops(root: nn.Module, node: fx.Node) -> tuple[list[fx.Node], fx.Node]:
-    """node's value passed on through no-op module calls: (those calls, the last node)."""
+def _through_noops(root: nn.Module, node: fx.Node, shape_reads=False):
+    """node's value passed on through no-op module calls and adds of 0: (those calls, the last
+    node). With shape_reads, reads of the value's shape are not counted as its uses (a
+    BatchNorm's output has its input's shape)."""
     noops = []
-    while len(node.users) == 1:
-        (user,) = node.users
-        if not (user.op == "call_module" and user.args == (node,) and not user.kwargs
-                and _is_noop(root.get_submodule(user.target))):
+    while len(users := _value_users(node, shape_reads)) == 1:
+        (user,) = users
+        if not (_adds_zero(user, node) or (
+                user.op == "call_module" and user.args == (node,) and not user.kwargs
+                and _is_noop(root.get_submodule(user.target)))):
             break
         noops.append(user)
         node = user
     return noops, node
 
 
-def _sole_consumer(node: fx.Node):
-    """node's only user, or why there is none."""
-    if not node.users:
+def _value_users(node: fx.Node, shape_reads: bool) -> list[fx.Node]:
+    return [user for user in node.users if not (shape_reads and _reads_shape(user))]
+
+
+def _reads_shape(node: fx.Node) -> bool:
+    return ((node.op, node.target) in (("call_method", "size"), ("call_method", "dim"))
+            or (node.op == "call_function" and node.target is getattr
+                and node.args[1:] in (("shape",), ("ndim",))))
+
+
+def _adds_zero(node: fx.Node, value: fx.Node) -> bool:
+    """Whether node is value + 0 (fastvit adds a constant 0 where a branch is absent)."""
+    return ((node.op, node.target) in _ADDS and node.target != "add_" and not node.kwargs
+            and len(node.args) == 2 and value in node.args
+            and any(type(arg) in (int, float) and arg == 0 for arg in node.args))
+
+
+def _sole_consumer(node: fx.Node, shape_reads=False):
+    """node's only user (reads of its shape aside, with shape_reads), or why there is none."""
+    users = _value_users(node, shape_reads)
+    if not users:
         return "its output is unused"
-    if len(node.users) > 1:
-        return f"its output has {len(node.users)} consumers"
-    (user,) = node.users
+    if len(users) > 1:
+        return f"its output has {len(users)} consumers"
+    (user,) = users
     return "it is an output of the model" if user.op == "output" else user
 
 
@@ -446,15 +753,47 @@ def _add_operands(node: fx.Node):
 
 
 def _movable(root: nn.Module, bn_node: fx.Node, add: fx.Node) -> bool:
-    """Whether bn_node's call can run where add runs: nothing in between writes in place, calls
-    the same module or reads its attributes."""
+    """Whether bn_node's call can run where add runs: nothing in between writes in place into
+    what may share memory with the BatchNorm's input, calls the same module or reads its
+    attributes, or calls a module tritonbn cannot see into (a leaf of the trace) on what may."""
+    between = set()
     node = bn_node.next
     while node is not add:
-        if _writes_in_place(root, node) or (node.op in ("call_module", "get_attr") and (
-                node.target == bn_node.target or node.target.startswith(bn_node.target + "."))):
+        if node.op in ("call_module", "get_attr") and (
+                node.target == bn_node.target or node.target.startswith(bn_node.target + ".")):
             return False
+        if _writes_in_place(root, node):
+            if not _fresh(root, _written(root, node), between):
+                return False
+        elif node.op == "call_module" and not _is_torch_module(
+                module := root.get_submodule(node.target)) and not _is_noop(module):
+            if not all(_fresh(root, value, between) for value in node.all_input_nodes):
+                return False
+        between.add(node)
         node = node.next
     return True
+
+
+def _written(root: nn.Module, node: fx.Node) -> fx.Node:
+    """The node whose tensor an in-place node writes into, through chains of in-place
+    writes."""
+    while _writes_in_place(root, node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _fresh(root: nn.Module, node: fx.Node, between: set) -> bool:
+    """Whether node's tensor is one allocated after the BatchNorm's call (among between), so
+    that it cannot share memory with the BatchNorm's input."""
+    if node not in between:
+        return False
+    if node.op == "call_module":
+        return type(root.get_submodule(node.target)) in _ALLOCATING_MODULES
+    return node.op == "call_function" and node.target in _ALLOCATING_FUNCTIONS
+
+
+def _is_torch_module(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.nn.")
 
 
 def _writes_in_place(root: nn.Module, node: fx.Node) -> bool:
@@ -489,6 +828,9 @@ def _rewrite(graph: fx.Graph, route: _Route, fused_nodes: dict) -> FusedPair:
             residual = fused_nodes.get(route.residual, route.residual)
             fused = graph.call_function(call_with_residual, (module, input, residual))
     last = route.replaced[-1] if route.replaced else bn_node
+    for node in [bn_node, *route.replaced[:-1]]:
+        for user in [user for user in node.users if _reads_shape(user)]:
+            user.replace_input_with(node, input)
     last.replace_all_uses_with(fused)
     fused_nodes[last] = fused
     for node in reversed([bn_node, *route.replaced]):
