@@ -206,7 +206,8 @@ def test_basic_block_fuses_bn1_with_relu_and_bn2_with_the_residual_and_relu():
     assert converted.left_alone == {}
     assert type(converted.bn1) is BatchNormAct2d and converted.bn1.activation == "relu"
     assert type(converted.bn2) is BatchNormAct2d and converted.bn2.activation == "relu"
-    assert isinstance(converted.relu, nn.ReLU)  # kept, though no call uses it any more
+    assert not hasattr(converted, "relu")  # both calls of the shared ReLU are fused away
+    assert "ReLU" not in repr(converted)
     assert_checkpoints_interchange(model, converted)
     assert_same_model(model, converted, randn((2, 4, 5, 5)))
     assert_same_model(model, converted, randn((3, 4, 3, 3), memory_format=torch.channels_last),
@@ -233,8 +234,30 @@ def test_sequential_modules():
     assert converted.get_submodule("1").activation == "relu"
     assert converted.get_submodule("3.1").activation == "sigmoid"
     assert type(converted.get_submodule("5")) is nn.BatchNorm2d
+    # The absorbed activations are gone; the model prints as what it computes.
+    assert [name for name, _ in converted.named_children()] == ["0", "1", "3", "4", "5"]
+    assert [name for name, _ in converted.get_submodule("3").named_children()] == ["0", "1"]
     assert_checkpoints_interchange(model, converted)
     assert_same_model(model, converted, randn((2, 2, 4, 3)))
+
+
+class SharedActivation(nn.Module):
+    """One ReLU after a BatchNorm and after a Linear: the second call keeps it."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.fc, self.act = nn.BatchNorm1d(4), nn.Linear(4, 4), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.fc(self.act(self.bn(x))))
+
+
+def test_an_absorbed_module_that_is_still_called_stays():
+    model = SharedActivation().to(DEVICE)
+    converted = fuse_bn_act(model)
+    assert converted.fused_pairs == (FusedPair("bn", "act"),)
+    assert isinstance(converted.act, nn.ReLU)
+    assert_same_model(model, converted, randn((5, 4)))
 
 
 def test_sequential_3d():

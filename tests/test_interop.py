@@ -286,18 +286,16 @@ def test_onnx_export_fused_resnet18(fused_resnet18, dynamo):
 
 @pytest.mark.slow
 def test_create_feature_extractor_on_fused_resnet18(fused_resnet18, monkeypatch):
-    """Until convert.call_with_residual is fx-wrapped, tracers other than fuse_bn_act's own
-    must be told to keep it a call (torchvision's tracer_kwargs). The layers run the reference
-    launchers: twenty layers in the interpreter take minutes, and the same call reaches them."""
+    """The fused model's code wraps convert.call_with_residual, so torchvision's tracer keeps it
+    one call with no tracer arguments. The layers run the reference launchers: twenty layers in
+    the interpreter take minutes, and the same call reaches them."""
     from torchvision.models.feature_extraction import create_feature_extractor
     monkeypatch.setattr(tritonbn.ops, "backend", lambda x: reference)
-    from tritonbn.convert import call_with_residual
     model, fused = fused_resnet18
     # The same features by the two graphs' node names: a block's first activation, a block's
     # output (its residual add and activation), the logits.
     ours = create_feature_extractor(
-        fused, {"layer1.0.bn1.run_layer": "a", "call_with_residual_5": "b", "fc": "logits"},
-        tracer_kwargs={"autowrap_functions": [call_with_residual]})
+        fused, {"layer1.0.bn1.run_layer": "a", "call_with_residual_5": "b", "fc": "logits"})
     theirs = create_feature_extractor(
         model, {"layer1.0.relu": "a", "layer3.1.relu_1": "b", "fc": "logits"})
     x = make_input((2, 3, 32, 32))

@@ -46,8 +46,10 @@ consumers carrying hooks (fusing would change what the hooks see), and everythin
 The result is a new ``torch.fx.GraphModule``; the input model is never modified. Its parameters,
 buffers and submodules are a deep copy of the model's own, at the same paths and in the same
 order, so ``state_dict()`` keys are exactly the original's and checkpoints load either way.
-Activation modules stay in place even where no call uses them any more. Being a GraphModule
-(named after the model's class, as fx.symbolic_trace names it), the result keeps the traced
+The activation and no-op modules whose calls the fused calls replaced are removed, unless the
+graph still calls them elsewhere or they hold parameters, buffers or hooks, so that the model
+prints as what it computes. Being a GraphModule (named after the model's class, as
+fx.symbolic_trace names it), the result keeps the traced
 ``forward`` only: other methods of the model's class are not on it, and a converted
 nn.Sequential is reached by ``get_submodule("3")``, not by index. A submodule whose forward was
 traced into the graph and holds a fused BatchNorm raises if called on its own: its forward
@@ -152,7 +154,8 @@ class FusedPair(NamedTuple):
 def call_with_residual(bn: nn.Module, input: Tensor, residual: Tensor) -> Tensor:
     """bn(input, residual) when residual has input's shape, dtype and device; otherwise the
     computation the fusion replaced: plain BatchNorm, add (broadcasting, promoting), then
-    bn's activation."""
+    bn's activation. A fused model's code wraps it (torch.fx.wrap), so that a later trace of the
+    model (torchvision's feature extractor, say) records it as one call."""
     if (residual.shape == input.shape and residual.dtype == input.dtype
             and residual.device == input.device):
         return bn(input, residual)
@@ -428,9 +431,12 @@ def _fuse(root: nn.Module, graph: fx.Graph, scratch: nn.Module, traced_through, 
     routes, refused = _plan(root, calls)
     report.refused.update((prefix + name, reason) for name, reason in refused.items())
     fused_nodes = {}
+    absorbed = set()  # the modules whose calls the fused calls replace
     for target, nodes in calls.items():
         if target in refused:
             continue
+        absorbed.update(replaced.target for node in nodes for replaced in routes[node].replaced
+                        if replaced.op == "call_module")
         bn = root.get_submodule(target)
         first = routes[nodes[0]]
         fused_class = _fused_class(bn)
@@ -443,6 +449,7 @@ def _fuse(root: nn.Module, graph: fx.Graph, scratch: nn.Module, traced_through, 
             logger.info("fuse_bn_act: fused %s into %s(activation=%s)",
                         " + ".join(filter(None, pair)), fused_class.__name__, first.activation)
     graph.lint()
+    _drop_unused(root, graph, absorbed)
     for node in graph.find_nodes(op="get_attr"):  # constants the tracer stored on scratch
         head = node.target.split(".")[0]
         if not hasattr(root, head):
@@ -456,6 +463,24 @@ def _fuse(root: nn.Module, graph: fx.Graph, scratch: nn.Module, traced_through, 
     if fused_paths:
         _swap_class(root, {"forward": type(fx.GraphModule(root, graph)).forward})
     return root
+
+
+def _drop_unused(root: nn.Module, graph: fx.Graph, absorbed: set) -> None:
+    """Remove from root the absorbed modules (activations, no-op drops) that the graph no
+    longer calls, so that the model prints as what it computes. A module stays if the graph
+    still reaches it, or it holds state (state_dict keys stay the original's) or hooks."""
+    reached = {id(module) for node in graph.nodes if node.op in ("call_module", "get_attr")
+               if _is_path(root, node.target)
+               for module in root.get_submodule(node.target).modules()}
+    for target in absorbed:
+        module = root.get_submodule(target)
+        if (id(module) in reached or any(True for _ in module.parameters())
+                or any(True for _ in module.buffers())
+                or any(_has_hooks(m) for m in module.modules())):
+            continue
+        parent, _, name = target.rpartition(".")
+        delattr(root.get_submodule(parent), name)
+        reached.add(id(module))  # a module registered at two paths goes once
 
 
 def _guard(module: nn.Module) -> nn.Module:
@@ -827,6 +852,7 @@ def _rewrite(graph: fx.Graph, route: _Route, fused_nodes: dict) -> FusedPair:
             module = graph.get_attr(bn_node.target)
             residual = fused_nodes.get(route.residual, route.residual)
             fused = graph.call_function(call_with_residual, (module, input, residual))
+            fused.meta["is_wrapped"] = True  # the generated code fx.wraps it for later traces
     last = route.replaced[-1] if route.replaced else bn_node
     for node in [bn_node, *route.replaced[:-1]]:
         for user in [user for user in node.users if _reads_shape(user)]:
