@@ -18,8 +18,9 @@ MINIMUM_VERSIONS = {"python": "3.10", "torch": "2.8", "triton": "3.4"}
 def backend_for(x: Tensor) -> str:
     """Which path tritonbn runs x on: "kernels" (Triton compiled for the GPU), "interpreter"
     (the same kernels through Triton's interpreter, CPU tensors with TRITON_INTERPRET=1 set
-    before triton was imported) or "reference" (PyTorch ops, tritonbn/reference.py). Raises as
-    a call would where the kernels are needed and Triton is missing."""
+    before triton was imported) or "reference" (no Triton: PyTorch's native ops in eager calls,
+    tritonbn/reference.py inside the registered ops under torch.compile). Raises as a call
+    would where the kernels are needed and Triton is missing."""
     if ops.backend(x) is reference:
         return "reference"
     return "interpreter" if x.device.type == "cpu" else "kernels"
