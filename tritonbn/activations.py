@@ -5,11 +5,13 @@ receive an activation as two numbers, its code and one float parameter (negative
 leaky_relu, alpha for elu, 0 otherwise); gelu's ``approximate`` picks between two codes.
 This module needs no Triton, so the reference path can use it on machines without Triton.
 """
+import functools
 from types import MappingProxyType
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 IDENTITY = 0
 RELU = 1
@@ -87,21 +89,40 @@ def activation_spec(name: str, kwargs: Optional[dict] = None) -> ActivationSpec:
 def eager_activation(spec: ActivationSpec):
     """The eager PyTorch function computing the activation spec stands for."""
     code, param = spec
-    return {
-        IDENTITY: lambda z: z,
-        RELU: F.relu,
-        SIGMOID: F.sigmoid,
-        RELU6: F.relu6,
-        LEAKY_RELU: lambda z: F.leaky_relu(z, param),
-        ELU: lambda z: F.elu(z, param),
-        SILU: F.silu,
-        HARDSWISH: F.hardswish,
-        HARDSIGMOID: F.hardsigmoid,
-        GELU: F.gelu,
-        GELU_TANH: lambda z: F.gelu(z, approximate="tanh"),
-        MISH: F.mish,
-        TANH: F.tanh,
-    }[code]
+    return functools.partial(apply_activation, activation=code, activation_param=param)
+
+
+def apply_activation(z: Tensor, activation: int, activation_param: float) -> Tensor:
+    """The activation of code ``activation`` as torch.nn.functional computes it. TorchScript
+    compiles it (a scripted layer runs it), and TorchScript reads no global constants: the codes
+    are written out (a test scripts every one)."""
+    if activation == 1:  # RELU
+        return F.relu(z)
+    if activation == 6:  # SILU
+        return F.silu(z)
+    if activation == 0:  # IDENTITY
+        return z
+    if activation == 2:  # SIGMOID
+        return z.sigmoid()
+    if activation == 3:  # RELU6
+        return F.relu6(z)
+    if activation == 4:  # LEAKY_RELU
+        return F.leaky_relu(z, activation_param)
+    if activation == 5:  # ELU
+        return F.elu(z, activation_param)
+    if activation == 7:  # HARDSWISH
+        return F.hardswish(z)
+    if activation == 8:  # HARDSIGMOID
+        return F.hardsigmoid(z)
+    if activation == 9:  # GELU
+        return F.gelu(z)
+    if activation == 10:  # GELU_TANH
+        return F.gelu(z, approximate="tanh")
+    if activation == 11:  # MISH
+        return F.mish(z)
+    if activation == 12:  # TANH
+        return z.tanh()
+    raise ValueError("unknown activation code")
 
 
 def eager_activation_grad(spec: ActivationSpec):

@@ -5,14 +5,14 @@ run the kernels.
 residual add, then the activation as ``torch.nn.functional`` computes it. Exporters, TorchScript,
 torch.jit.trace, torch.func transforms and double backward all understand these ops, and on a
 CPU without Triton's interpreter they are PyTorch's native kernels. ``batch_norm`` and
-``scripted_activation`` compile with TorchScript: a scripted layer runs them.
+``tritonbn.activations.apply_activation`` compile with TorchScript: a scripted layer runs them.
 """
 from typing import Optional
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import ActivationSpec, eager_activation
+from .activations import apply_activation
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -42,36 +42,4 @@ def bn_act(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[
     ``activation`` (tritonbn.activations) as torch.nn.functional computes it."""
     z = batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                    num_batches_tracked, residual)
-    return eager_activation(ActivationSpec(activation, activation_param))(z)
-
-
-def scripted_activation(z: Tensor, activation: int, activation_param: float) -> Tensor:
-    """eager_activation for TorchScript, which reads no global constants: the codes are
-    tritonbn.activations' (a test scripts every one)."""
-    if activation == 1:  # RELU
-        return F.relu(z)
-    if activation == 6:  # SILU
-        return F.silu(z)
-    if activation == 0:  # IDENTITY
-        return z
-    if activation == 2:  # SIGMOID
-        return z.sigmoid()
-    if activation == 3:  # RELU6
-        return F.relu6(z)
-    if activation == 4:  # LEAKY_RELU
-        return F.leaky_relu(z, activation_param)
-    if activation == 5:  # ELU
-        return F.elu(z, activation_param)
-    if activation == 7:  # HARDSWISH
-        return F.hardswish(z)
-    if activation == 8:  # HARDSIGMOID
-        return F.hardsigmoid(z)
-    if activation == 9:  # GELU
-        return F.gelu(z)
-    if activation == 10:  # GELU_TANH
-        return F.gelu(z, approximate="tanh")
-    if activation == 11:  # MISH
-        return F.mish(z)
-    if activation == 12:  # TANH
-        return z.tanh()
-    raise ValueError("unknown activation code")
+    return apply_activation(z, activation, activation_param)

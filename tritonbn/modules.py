@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import composite
 from .activations import activation_kwargs as full_activation_kwargs
-from .activations import activation_spec
+from .activations import activation_spec, apply_activation
 from .functional import check_inputs, forward_checked
 
 
@@ -84,7 +84,7 @@ class _BatchNormActMixin:
             self.num_batches_tracked)
         z = composite.batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                  bn_training, self.momentum, self.eps, tracked, residual)
-        return composite.scripted_activation(z, self._activation_code, self._activation_param)
+        return apply_activation(z, self._activation_code, self._activation_param)
 
 
 @torch.fx.wrap
