@@ -781,6 +781,25 @@ def test_fusion_goes_on_around_an_untraceable_submodule():
     assert_same_in_both_modes(model, randn((2, 3, 4, 5)))
 
 
+@pytest.mark.usefixtures("reference_backend")
+def test_a_batchnorm_ending_a_leafs_child_is_reported_as_such():
+    class EndsInBatchNorm(Untraceable):
+        def __init__(self):
+            super().__init__()
+            self.tail = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+        def forward(self, x):
+            return F.relu(self.tail(super().forward(x)))
+
+    model = EndsInBatchNorm()
+    with pytest.warns(UserWarning, match="kept as opaque calls"):
+        converted = fuse_bn_act(model)
+    assert converted.left_alone == {
+        "bn": "it is inside a leaf: the model",
+        "tail.1": "it ends tail, whose output goes to an opaque call"}
+    assert_same_in_both_modes(model, randn((2, 3, 4, 5)))
+
+
 def test_a_submodule_run_inside_the_graph_refuses_to_run_alone():
     """Its BatchNorms now apply what its forward applies after them: calling it alone would
     apply that twice. Pickle refuses a module whose forward was replaced, rather than restore

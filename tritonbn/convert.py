@@ -429,7 +429,9 @@ def _fuse(root: nn.Module, graph: fx.Graph, scratch: nn.Module, traced_through, 
     GraphModule if prefix is "" (the top), else root with its forward replaced."""
     calls = _batchnorm_calls(root, graph)
     routes, refused = _plan(root, calls)
-    report.refused.update((prefix + name, reason) for name, reason in refused.items())
+    ends_child = f"it ends {prefix.rstrip('.')}, whose output goes to an opaque call"
+    report.refused.update((prefix + name, ends_child if prefix and reason == _ENDS_MODEL
+                           else reason) for name, reason in refused.items())
     fused_nodes = {}
     absorbed = set()  # the modules whose calls the fused calls replace
     for target, nodes in calls.items():
@@ -677,6 +679,9 @@ def _adds_zero(node: fx.Node, value: fx.Node) -> bool:
             and any(type(arg) in (int, float) and arg == 0 for arg in node.args))
 
 
+_ENDS_MODEL = "it is an output of the model"
+
+
 def _sole_consumer(node: fx.Node, shape_reads=False):
     """node's only user (reads of its shape aside, with shape_reads), or why there is none."""
     users = _value_users(node, shape_reads)
@@ -685,7 +690,7 @@ def _sole_consumer(node: fx.Node, shape_reads=False):
     if len(users) > 1:
         return f"its output has {len(users)} consumers"
     (user,) = users
-    return "it is an output of the model" if user.op == "output" else user
+    return _ENDS_MODEL if user.op == "output" else user
 
 
 def _is_noop(module: nn.Module) -> bool:
