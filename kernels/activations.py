@@ -1,5 +1,5 @@
 """The fused activations and their derivatives, picked at compile time by a constexpr code
-(the codes and their names: tritonbn/activations.py; the derivatives: docs/DESIGN.md).
+(the codes: activation_codes.py; the derivatives: docs/DESIGN.md).
 
 Each follows PyTorch's own CUDA kernel: the same formula, the same side of every kink (relu6's
 gradient is 0 at 0 and at 6, hardswish's is 0 at -3), NaN passing through. Eager rounds
@@ -17,9 +17,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from tritonbn import activations as codes
-
-from .launch import INTERPRETING
+from . import INTERPRETING
+from . import activation_codes as codes
 
 IDENTITY = tl.constexpr(codes.IDENTITY)
 RELU = tl.constexpr(codes.RELU)

@@ -17,178 +17,184 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonbn.activations import IDENTITY
-from tritonbn.dtypes import accumulate_dtype
-from tritonbn.layout import strides_ncs
-
+from .activation_codes import IDENTITY
 from .activations import activation_grad, div_rn
-from .forward import channel_affine, dtype_of, joined, load_x_r, pre_activation, triton_dtype
-from .launch import CachedLaunch, Launch, float32_pair
+from .affine import (channel_affine, dtype_of, float32_pair, joined, load_x_r, pre_activation,
+                     triton_dtype)
+from .dtypes import accumulate_dtype
+from .launch import CachedLaunch, Launch
+from .layout import strides_ncs
 from .merge import merge_partials, workspace
-from .tiling import (channel_sum, load_tile, make_plan, program_channels, program_rows,
-                     store_tile)
+from .tiling import channel_sum, load_tile, make_plan, program_channels, program_rows, store_tile
 
 
 @triton.jit
-def _load_x_dy_r(x_ptr, dy_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xc,
-                 stride_xs, stride_dyn, stride_dyc, stride_dys, stride_rn, stride_rc, stride_rs,
-                 HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-                 INT64: tl.constexpr):
-    """(x, dy, residual, mask) of the tile at (n0, s0); without a residual x stands in."""
-    x, r, mask = load_x_r(x_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xc,
-                          stride_xs, stride_rn, stride_rc, stride_rs, HAS_RESIDUAL, BLOCK_N,
-                          BLOCK_S, INT64)
-    dy, _ = load_tile(dy_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_dyn, stride_dyc, stride_dys,
-                      BLOCK_N, BLOCK_S, INT64)
-    return x, dy, r, mask
+def _load_x_dy_r(x, dy, r, n0, s0, bounds, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_S: tl.constexpr, INT64: tl.constexpr):
+    """(x, dy, residual, mask) of the tile at (n0, s0): load_x_r's, and dy's."""
+    x_tile, r_tile, mask = load_x_r(x, r, n0, s0, bounds, HAS_RESIDUAL, BLOCK_N, BLOCK_S, INT64)
+    dy_tile, _ = load_tile(dy, n0, s0, bounds, BLOCK_N, BLOCK_S, INT64)
+    return x_tile, dy_tile, r_tile, mask
 
 
 @triton.jit
-def _grad_tile(x, dy, r, center, center_d, scale, bias, act_param, ACC: tl.constexpr,
-               ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+def _grad_tile(x, dy, r, affine, act_param, ACC: tl.constexpr, ACTIVATION: tl.constexpr,
+               HAS_RESIDUAL: tl.constexpr):
     """(g, x - mean) of one tile: g = dy * act'(z), z recomputed as the forward did, and g
     rounded to x's dtype, where eager's activation backward hands it on."""
-    z, x_mu = pre_activation(x, r, center, center_d, scale, bias, ACC, HAS_RESIDUAL)
+    z, x_mu = pre_activation(x, r, affine, ACC, HAS_RESIDUAL)
     g = activation_grad(z, dy.to(ACC), act_param, x.dtype, ACTIVATION)
     return g.to(x.dtype).to(ACC), x_mu
+
+
+@triton.jit
+def _reduce_tile(sums, x, dy, r, mask, n0, s0, dx, dr, bounds, affine, act_param,
+                 ACC: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 WRITE_DX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                 INT64: tl.constexpr):
+    """sums, (sum of g, sum of g * (x - mean)) per lane, plus one tile's; stores the tile's g
+    as d residual (the view dr) with a residual, and g * scale as dx (the view dx) where
+    WRITE_DX."""
+    g, x_mu = _grad_tile(x, dy, r, affine, act_param, ACC, ACTIVATION, HAS_RESIDUAL)
+    sums = (sums[0] + tl.where(mask, g, 0.0), sums[1] + tl.where(mask, g * x_mu, 0.0))
+    if HAS_RESIDUAL:
+        store_tile(dr, g, mask, n0, s0, bounds, BLOCK_N, BLOCK_S, INT64)
+    if WRITE_DX:
+        store_tile(dx, g * affine[3], mask, n0, s0, bounds, BLOCK_N, BLOCK_S, INT64)
+    return sums
 
 
 @CachedLaunch
 @triton.jit
 def _grad_reduce_kernel(
-    x_ptr, dy_ptr, r_ptr,  # [N, C, S] each with its own strides; r read if HAS_RESIDUAL
-    dx_ptr, dr_ptr,  # [N, C, S]: dx written if WRITE_DX, d residual (= g) if HAS_RESIDUAL
+    x_ptr, dy_ptr, r_ptr,  # [N, C, S] input, output gradient, residual (or None)
+    dx_ptr,  # [N, C, S] out, or None: written here with frozen statistics (eval)
+    dr_ptr,  # [N, C, S] out, d residual (= g), with a residual; else None
     mean_ptr, var_ptr, weight_ptr, bias_ptr,  # as _normalize_kernel's
+    dweight_ptr, dbias_ptr,  # [C] out in the parameters' dtype
+    totals_ptr,  # sum(g), sum(g * xhat) out at totals_ptr + TOTALS_OFFSET + (0 or
+                 # TOTALS_STRIDE); None where dx is written here
     partial_ptr,  # [2, plan.scratch_rows, C] scratch of merge_partials
     counter_ptr,  # [plan.counters] int32, zero (merge.workspace)
-    dweight_ptr, dbias_ptr,  # [C] out in the parameters' dtype
-    totals_ptr,  # sum(g), sum(g * xhat) out at totals_ptr + TOTALS_OFFSET + (0 or TOTALS_STRIDE)
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
     stride_rn, stride_rc, stride_rs, stride_dxn, stride_dxc, stride_dxs, stride_drn,
-    stride_drc, stride_drs, CHUNK_N, CHUNK_S, SPLIT_S, SPLITS, GROUP, TOTALS_OFFSET,
-    TOTALS_STRIDE, eps_hi, eps_lo, act_param_hi, act_param_lo,
+    stride_drc, stride_drs,  # the (N, C, S) view of each tensor
+    CHUNK_N, CHUNK_S, SPLIT_S, SPLITS, GROUP,  # the plan's split (tiling.Plan)
+    TOTALS_OFFSET, TOTALS_STRIDE,
+    eps_hi, eps_lo, act_param_hi, act_param_lo,  # float32_pair(eps), of the activation's param
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, SHIFTED: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    WRITE_DX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr, PAIR_S: tl.constexpr, INT64: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr,
+    PAIR_S: tl.constexpr, INT64: tl.constexpr, BLOCK_ROWS: tl.constexpr,
 ):
+    HAS_RESIDUAL: tl.constexpr = r_ptr is not None
+    HAS_WEIGHT: tl.constexpr = weight_ptr is not None
+    HAS_BIAS: tl.constexpr = bias_ptr is not None
+    WRITE_DX: tl.constexpr = dx_ptr is not None
+    x = (x_ptr, stride_xn, stride_xc, stride_xs)
+    dy = (dy_ptr, stride_dyn, stride_dyc, stride_dys)
+    r = (r_ptr, stride_rn, stride_rc, stride_rs)
+    dx = (dx_ptr, stride_dxn, stride_dxc, stride_dxs)
+    dr = (dr_ptr, stride_drn, stride_drc, stride_drs)
     c, c_mask = program_channels(C, BLOCK_C)
     n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
+    bounds = (c, c_mask, n_hi, s_hi)
     act_param = joined(act_param_hi, act_param_lo, ACC)
-    center, center_d, rstd, scale, bias = channel_affine(mean_ptr, var_ptr, weight_ptr,
-                                                         bias_ptr, c, c_mask, C, eps_hi, eps_lo,
-                                                         ACC, SHIFTED, HAS_WEIGHT, HAS_BIAS)
-    acc_g = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
-    acc_gx = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
+    affine = channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, c, c_mask, C, eps_hi,
+                            eps_lo, ACC, SHIFTED, HAS_WEIGHT, HAS_BIAS)
+    sums = (tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC), tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC))
     # Masked lanes load dy = 0, so g = 0 there for every activation: no tl.where needed.
     for n0 in range(n_lo, n_hi, BLOCK_N + PAIR_N):
         for s0 in range(s_lo, s_hi, BLOCK_S + PAIR_S):
-            x, dy, r, mask = _load_x_dy_r(x_ptr, dy_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask,
-                                          stride_xn, stride_xc, stride_xs, stride_dyn,
-                                          stride_dyc, stride_dys, stride_rn, stride_rc,
-                                          stride_rs, HAS_RESIDUAL, BLOCK_N, BLOCK_S, INT64)
+            x_tile, dy_tile, r_tile, mask = _load_x_dy_r(x, dy, r, n0, s0, bounds, HAS_RESIDUAL,
+                                                         BLOCK_N, BLOCK_S, INT64)
             if PAIR_N + PAIR_S > 0:
                 n1, s1 = n0 + PAIR_N, s0 + PAIR_S
-                x2, dy2, r2, mask2 = _load_x_dy_r(x_ptr, dy_ptr, r_ptr, n1, s1, c, n_hi, s_hi,
-                                                  c_mask, stride_xn, stride_xc, stride_xs,
-                                                  stride_dyn, stride_dyc, stride_dys, stride_rn,
-                                                  stride_rc, stride_rs, HAS_RESIDUAL, BLOCK_N,
-                                                  BLOCK_S, INT64)
-                g2, x_mu2 = _grad_tile(x2, dy2, r2, center, center_d, scale, bias, act_param,
-                                       ACC, ACTIVATION, HAS_RESIDUAL)
-                acc_g += tl.where(mask2, g2, 0.0)
-                acc_gx += tl.where(mask2, g2 * x_mu2, 0.0)
-                if HAS_RESIDUAL:
-                    store_tile(dr_ptr, g2, mask2, n1, s1, c, stride_drn, stride_drc, stride_drs,
-                               BLOCK_N, BLOCK_S, INT64)
-                if WRITE_DX:
-                    store_tile(dx_ptr, g2 * scale, mask2, n1, s1, c, stride_dxn, stride_dxc,
-                               stride_dxs, BLOCK_N, BLOCK_S, INT64)
-            g, x_mu = _grad_tile(x, dy, r, center, center_d, scale, bias, act_param, ACC,
-                                 ACTIVATION, HAS_RESIDUAL)
-            acc_g += tl.where(mask, g, 0.0)
-            acc_gx += tl.where(mask, g * x_mu, 0.0)
-            if HAS_RESIDUAL:
-                store_tile(dr_ptr, g, mask, n0, s0, c, stride_drn, stride_drc, stride_drs,
-                           BLOCK_N, BLOCK_S, INT64)
-            if WRITE_DX:
-                store_tile(dx_ptr, g * scale, mask, n0, s0, c, stride_dxn, stride_dxc,
-                           stride_dxs, BLOCK_N, BLOCK_S, INT64)
-    done, dbias, sum_gx = merge_partials(partial_ptr, counter_ptr, channel_sum(acc_g),
-                                         channel_sum(acc_gx), c, c_mask, C, SPLITS, GROUP, ACC,
-                                         BLOCK_ROWS, BLOCK_C)
+                x_pair, dy_pair, r_pair, mask_pair = _load_x_dy_r(
+                    x, dy, r, n1, s1, bounds, HAS_RESIDUAL, BLOCK_N, BLOCK_S, INT64)
+                sums = _reduce_tile(sums, x_pair, dy_pair, r_pair, mask_pair, n1, s1, dx, dr,
+                                    bounds, affine, act_param, ACC, ACTIVATION, HAS_RESIDUAL,
+                                    WRITE_DX, BLOCK_N, BLOCK_S, INT64)
+            sums = _reduce_tile(sums, x_tile, dy_tile, r_tile, mask, n0, s0, dx, dr, bounds,
+                                affine, act_param, ACC, ACTIVATION, HAS_RESIDUAL, WRITE_DX,
+                                BLOCK_N, BLOCK_S, INT64)
+    done, dbias, sum_gx = merge_partials((partial_ptr, counter_ptr, SPLITS, GROUP),
+                                         channel_sum(sums[0]), channel_sum(sums[1]), c, c_mask,
+                                         C, ACC, BLOCK_ROWS, BLOCK_C)
     if done:
-        dweight = sum_gx * tl.reshape(rstd, (BLOCK_C,))
+        dweight = sum_gx * tl.reshape(affine[2], (BLOCK_C,))
         tl.store(dweight_ptr + c, dweight.to(dweight_ptr.dtype.element_ty), mask=c_mask)
         tl.store(dbias_ptr + c, dbias.to(dbias_ptr.dtype.element_ty), mask=c_mask)
-        if not WRITE_DX:
+        if totals_ptr is not None:
             totals = totals_ptr + TOTALS_OFFSET + c
             tl.store(totals, dbias, mask=c_mask)
             tl.store(totals + TOTALS_STRIDE, dweight, mask=c_mask)
 
 
 @triton.jit
-def _dx_tile(x, dy, r, center, center_d, scale, bias, mean_g, k, act_param, ACC: tl.constexpr,
-             ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    g, x_mu = _grad_tile(x, dy, r, center, center_d, scale, bias, act_param, ACC, ACTIVATION,
-                         HAS_RESIDUAL)
-    return scale * (g - mean_g - x_mu * k)
+def _dx_store(dx, x, dy, r, mask, n0, s0, bounds, affine, mean_g, k, act_param,
+              ACC: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
+    """Store dx = scale * (g - mean_g - (x - mean) * k) of one tile (see _dx_kernel)."""
+    g, x_mu = _grad_tile(x, dy, r, affine, act_param, ACC, ACTIVATION, HAS_RESIDUAL)
+    store_tile(dx, affine[3] * (g - mean_g - x_mu * k), mask, n0, s0, bounds, BLOCK_N, BLOCK_S,
+               INT64)
 
 
 @CachedLaunch
 @triton.jit
 def _dx_kernel(
-    x_ptr, dy_ptr, r_ptr, dx_ptr,  # [N, C, S] each with its own strides
+    x_ptr, dy_ptr, r_ptr,  # [N, C, S] input, output gradient (or g), residual (or None)
+    dx_ptr,  # [N, C, S] out
     mean_ptr, var_ptr, weight_ptr, bias_ptr,  # as _normalize_kernel's
     totals_ptr,  # sum(g), sum(g * xhat) at totals_ptr + TOTALS_OFFSET + (0 or TOTALS_STRIDE)
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
-    stride_rn, stride_rc, stride_rs, stride_dxn, stride_dxc, stride_dxs, CHUNK_N, CHUNK_S,
-    SPLIT_S, count, TOTALS_OFFSET, TOTALS_STRIDE, eps_hi, eps_lo, act_param_hi, act_param_lo,
+    stride_rn, stride_rc, stride_rs, stride_dxn, stride_dxc, stride_dxs,  # the (N, C, S) views
+    CHUNK_N, CHUNK_S, SPLIT_S,  # the plan's split (tiling.Plan)
+    count,  # elements per channel
+    TOTALS_OFFSET, TOTALS_STRIDE,
+    eps_hi, eps_lo, act_param_hi, act_param_lo,  # float32_pair(eps), of the activation's param
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, SHIFTED: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr,
     PAIR_S: tl.constexpr, INT64: tl.constexpr,
 ):
+    HAS_RESIDUAL: tl.constexpr = r_ptr is not None
+    HAS_WEIGHT: tl.constexpr = weight_ptr is not None
+    HAS_BIAS: tl.constexpr = bias_ptr is not None
+    x = (x_ptr, stride_xn, stride_xc, stride_xs)
+    dy = (dy_ptr, stride_dyn, stride_dyc, stride_dys)
+    r = (r_ptr, stride_rn, stride_rc, stride_rs)
+    dx = (dx_ptr, stride_dxn, stride_dxc, stride_dxs)
     # In reverse: see program_index.
     c, c_mask = program_channels(C, BLOCK_C, REVERSE=True)
     n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S, REVERSE=True)
+    bounds = (c, c_mask, n_hi, s_hi)
     act_param = joined(act_param_hi, act_param_lo, ACC)
-    center, center_d, rstd, scale, bias = channel_affine(mean_ptr, var_ptr, weight_ptr,
-                                                         bias_ptr, c, c_mask, C, eps_hi, eps_lo,
-                                                         ACC, SHIFTED, HAS_WEIGHT, HAS_BIAS)
+    affine = channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, c, c_mask, C, eps_hi,
+                            eps_lo, ACC, SHIFTED, HAS_WEIGHT, HAS_BIAS)
     n = count.to(ACC)
     # dx = scale * (g - sum(g) / n - xhat * sum(g * xhat) / n), with xhat = (x - mean) * rstd
     totals = totals_ptr + TOTALS_OFFSET + c
     mean_g = div_rn(tl.load(totals, mask=c_mask, other=0.0), n)[None, None, :]
-    k = rstd * div_rn(tl.load(totals + TOTALS_STRIDE, mask=c_mask, other=0.0),
-                              n)[None, None, :]
+    k = affine[2] * div_rn(tl.load(totals + TOTALS_STRIDE, mask=c_mask, other=0.0),
+                           n)[None, None, :]
     for n0 in range(n_lo, n_hi, BLOCK_N + PAIR_N):
         for s0 in range(s_lo, s_hi, BLOCK_S + PAIR_S):
-            x, dy, r, mask = _load_x_dy_r(x_ptr, dy_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask,
-                                          stride_xn, stride_xc, stride_xs, stride_dyn,
-                                          stride_dyc, stride_dys, stride_rn, stride_rc,
-                                          stride_rs, HAS_RESIDUAL, BLOCK_N, BLOCK_S, INT64)
+            x_tile, dy_tile, r_tile, mask = _load_x_dy_r(x, dy, r, n0, s0, bounds, HAS_RESIDUAL,
+                                                         BLOCK_N, BLOCK_S, INT64)
             if PAIR_N + PAIR_S > 0:
                 n1, s1 = n0 + PAIR_N, s0 + PAIR_S
-                x2, dy2, r2, mask2 = _load_x_dy_r(x_ptr, dy_ptr, r_ptr, n1, s1, c, n_hi, s_hi,
-                                                  c_mask, stride_xn, stride_xc, stride_xs,
-                                                  stride_dyn, stride_dyc, stride_dys, stride_rn,
-                                                  stride_rc, stride_rs, HAS_RESIDUAL, BLOCK_N,
-                                                  BLOCK_S, INT64)
-                store_tile(dx_ptr, _dx_tile(x2, dy2, r2, center, center_d, scale, bias, mean_g,
-                                            k, act_param, ACC, ACTIVATION, HAS_RESIDUAL),
-                           mask2, n1, s1, c, stride_dxn, stride_dxc, stride_dxs, BLOCK_N,
-                           BLOCK_S, INT64)
-            store_tile(dx_ptr, _dx_tile(x, dy, r, center, center_d, scale, bias, mean_g, k,
-                                        act_param, ACC, ACTIVATION, HAS_RESIDUAL),
-                       mask, n0, s0, c, stride_dxn, stride_dxc, stride_dxs, BLOCK_N, BLOCK_S,
-                       INT64)
+                x_pair, dy_pair, r_pair, mask_pair = _load_x_dy_r(
+                    x, dy, r, n1, s1, bounds, HAS_RESIDUAL, BLOCK_N, BLOCK_S, INT64)
+                _dx_store(dx, x_pair, dy_pair, r_pair, mask_pair, n1, s1, bounds, affine,
+                          mean_g, k, act_param, ACC, ACTIVATION, HAS_RESIDUAL, BLOCK_N,
+                          BLOCK_S, INT64)
+            _dx_store(dx, x_tile, dy_tile, r_tile, mask, n0, s0, bounds, affine, mean_g, k,
+                      act_param, ACC, ACTIVATION, HAS_RESIDUAL, BLOCK_N, BLOCK_S, INT64)
 
 
 class _Walk(NamedTuple):
-    """The plan shared by the backward launches, and each tensor's strides in it: a missing
-    residual takes x's strides, never read."""
+    """The plan shared by the backward launches, and each tensor's (N, C, S) strides: a
+    missing residual takes x's, never read."""
 
     plan: object
     x: tuple
@@ -203,37 +209,41 @@ def _walk(x, dy, dx, residual, dresidual) -> _Walk:
     r_ncs = dr_ncs = x_ncs
     if residual is not None:
         r_ncs, dr_ncs = strides_ncs(residual), strides_ncs(dresidual)
-    plan = make_plan(x, x_ncs, dy_ncs, dx_ncs, r_ncs, dr_ncs)
-    return _Walk(plan, *(plan.strides(ncs) for ncs in (x_ncs, dy_ncs, r_ncs, dx_ncs, dr_ncs)))
+    return _Walk(make_plan(x, x_ncs, dy_ncs, dx_ncs, r_ncs, dr_ncs), x_ncs, dy_ncs, r_ncs,
+                 dx_ncs, dr_ncs)
 
 
-def _constexprs(walk, x, mean, weight, bias, residual, activation):
-    return dict(ACC=triton_dtype(x.dtype), ACTIVATION=activation, SHIFTED=mean.dim() == 2,
-                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                HAS_RESIDUAL=residual is not None, **walk.plan.tiles)
+def _floats(eps, activation_param) -> dict:
+    eps_hi, eps_lo = float32_pair(eps)
+    act_param_hi, act_param_lo = float32_pair(activation_param)
+    return dict(eps_hi=eps_hi, eps_lo=eps_lo, act_param_hi=act_param_hi,
+                act_param_lo=act_param_lo)
 
 
 def _reduce(walk, dy, x, mean, var, weight, bias, residual, dx, dresidual, totals,
-            totals_offset, totals_stride, eps, activation, activation_param, write_dx):
-    """The reduction launch: dweight and dbias, d residual, and dx (write_dx) or the totals."""
+            totals_offset, totals_stride, eps, activation, activation_param):
+    """The reduction launch: dweight and dbias, d residual, and dx (given dx) or the totals
+    (given totals, else in the merge scratch)."""
     plan, C = walk.plan, x.shape[1]
     acc = accumulate_dtype(x.dtype)
     dweight = x.new_empty(C, dtype=acc if weight is None else weight.dtype)
     dbias = x.new_empty(C, dtype=acc if bias is None else bias.dtype)
     counters, partial = workspace(x.device, plan.counters, 2 * plan.scratch_rows * C, acc)
+    if dx is None and totals is None:
+        totals = partial
     _grad_reduce_kernel.launch(
         (plan, x.dtype, dy.dtype, mean.dtype, mean.dim(), var.dtype, dtype_of(weight),
-         dtype_of(bias), dtype_of(residual), activation, write_dx),
-        (x, dy, x if residual is None else residual, dx, dx if dresidual is None else dresidual,
-         mean, var, mean if weight is None else weight, mean if bias is None else bias, partial,
-         counters, dweight, dbias, partial if totals is None else totals),
-        (*float32_pair(eps), *float32_pair(activation_param)),
-        lambda: Launch(plan.grid, (plan.n, C, plan.s, *walk.x, *walk.dy, *walk.residual,
-                                   *walk.dx, *walk.dresidual, plan.chunk_n, plan.chunk_s,
-                                   plan.split_s, plan.splits, plan.group, totals_offset,
-                                   totals_stride),
-                       dict(_constexprs(walk, x, mean, weight, bias, residual, activation),
-                            WRITE_DX=write_dx, BLOCK_ROWS=plan.block_rows)))
+         dtype_of(bias), dtype_of(residual), activation, dx is None),
+        lambda: Launch(plan.grid, dict(
+            N=plan.n, C=C, S=plan.s, **plan.strides(walk.x, "x"), **plan.strides(walk.dy, "dy"),
+            **plan.strides(walk.residual, "r"), **plan.strides(walk.dx, "dx"),
+            **plan.strides(walk.dresidual, "dr"), **plan.split, TOTALS_OFFSET=totals_offset,
+            TOTALS_STRIDE=totals_stride, ACC=triton_dtype(x.dtype), ACTIVATION=activation,
+            SHIFTED=mean.dim() == 2, BLOCK_ROWS=plan.block_rows, **plan.tiles)),
+        x_ptr=x, dy_ptr=dy, r_ptr=residual, dx_ptr=dx, dr_ptr=dresidual, mean_ptr=mean,
+        var_ptr=var, weight_ptr=weight, bias_ptr=bias, dweight_ptr=dweight, dbias_ptr=dbias,
+        totals_ptr=totals, partial_ptr=partial, counter_ptr=counters,
+        **_floats(eps, activation_param))
     return dweight, dbias, partial
 
 
@@ -241,7 +251,7 @@ def _dx(walk, dy, x, mean, var, weight, bias, residual, dresidual, dx, totals, t
         totals_stride, count, eps, activation, activation_param):
     """The dx launch of training. Given d residual (= g), it reads that instead of dy and the
     residual, with no activation left to apply."""
-    plan, C = walk.plan, x.shape[1]
+    plan = walk.plan
     g_given = dresidual is not None
     g_strides = walk.dresidual if g_given else walk.dy
     if g_given:
@@ -249,13 +259,15 @@ def _dx(walk, dy, x, mean, var, weight, bias, residual, dresidual, dx, totals, t
     _dx_kernel.launch(
         (plan, x.dtype, dy.dtype, mean.dtype, mean.dim(), var.dtype, dtype_of(weight),
          dtype_of(bias), dtype_of(residual), activation, g_given),
-        (x, dy, x if residual is None else residual, dx, mean, var,
-         mean if weight is None else weight, mean if bias is None else bias, totals),
-        (*float32_pair(eps), *float32_pair(activation_param)),
-        lambda: Launch(plan.grid, (plan.n, C, plan.s, *walk.x, *g_strides, *walk.residual,
-                                   *walk.dx, plan.chunk_n, plan.chunk_s, plan.split_s, count,
-                                   totals_offset, totals_stride),
-                       _constexprs(walk, x, mean, weight, bias, residual, activation)))
+        lambda: Launch(plan.grid, dict(
+            N=plan.n, C=x.shape[1], S=plan.s, **plan.strides(walk.x, "x"),
+            **plan.strides(g_strides, "dy"), **plan.strides(walk.residual, "r"),
+            **plan.strides(walk.dx, "dx"), **plan.split_rows, count=count,
+            TOTALS_OFFSET=totals_offset, TOTALS_STRIDE=totals_stride,
+            ACC=triton_dtype(x.dtype), ACTIVATION=activation, SHIFTED=mean.dim() == 2,
+            **plan.tiles)),
+        x_ptr=x, dy_ptr=dy, r_ptr=residual, dx_ptr=dx, mean_ptr=mean, var_ptr=var,
+        weight_ptr=weight, bias_ptr=bias, totals_ptr=totals, **_floats(eps, activation_param))
     return dx
 
 
@@ -275,9 +287,9 @@ def normalize_act_backward(dy, x, mean, var, weight, bias, residual, eps: float,
     plan, C = walk.plan, x.shape[1]
     # The totals overwrite the merge's group rows, read by then (merge.py).
     totals_offset, totals_stride = plan.splits * C, plan.scratch_rows * C
-    dweight, dbias, partial = _reduce(walk, dy, x, mean, var, weight, bias, residual, dx,
-                                      dresidual, None, totals_offset, totals_stride, eps,
-                                      activation, activation_param, not training)
+    dweight, dbias, partial = _reduce(walk, dy, x, mean, var, weight, bias, residual,
+                                      None if training else dx, dresidual, None, totals_offset,
+                                      totals_stride, eps, activation, activation_param)
     if training:
         _dx(walk, dy, x, mean, var, weight, bias, residual, dresidual, dx, partial,
             totals_offset, totals_stride, x.numel() // C, eps, activation, activation_param)
@@ -293,8 +305,8 @@ def grad_reduce(dy, x, mean, var, weight, bias, residual, eps: float, activation
     walk = _walk(x, dy, x, residual, dresidual)
     C = x.shape[1]
     sums = x.new_empty((2, C), dtype=accumulate_dtype(x.dtype))
-    _reduce(walk, dy, x, mean, var, weight, bias, residual, x, dresidual, sums, 0, C, eps,
-            activation, activation_param, False)
+    _reduce(walk, dy, x, mean, var, weight, bias, residual, None, dresidual, sums, 0, C, eps,
+            activation, activation_param)
     return sums, dresidual
 
 

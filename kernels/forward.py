@@ -24,58 +24,61 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonbn.dtypes import accumulate_dtype
-from tritonbn.layout import strides_ncs
-
 from .activations import activation, div_rn
-from .launch import CachedLaunch, Launch, float32_pair
+from .affine import (channel_affine, dtype_of, float32_pair, joined, load_x_r, pre_activation,
+                     triton_dtype)
+from .dtypes import accumulate_dtype
+from .launch import CachedLaunch, Launch
+from .layout import strides_ncs
 from .merge import arrive_last_block, merge_partials, workspace
-from .tiling import (channel_sum, load_tile, make_plan, program_channels, program_rows,
-                     store_tile)
+from .tiling import channel_sum, load_tile, make_plan, program_channels, program_rows, store_tile
+
+
+@triton.jit
+def _add_deviations(sums, x, mask, shift, ACC: tl.constexpr):
+    """sums, (sum of d, sum of d^2) per lane, plus one tile's d = x - shift."""
+    d = tl.where(mask, x.to(ACC) - shift[None, None, :], 0.0)
+    return sums[0] + d, sums[1] + d * d
 
 
 @CachedLaunch
 @triton.jit
 def _batch_stats_kernel(
     x_ptr,  # [N, C, S] input, any strides
-    partial_ptr,  # [2, plan.scratch_rows, C] scratch of merge_partials
-    counter_ptr,  # [plan.counters] int32, zero (merge.workspace)
     mean_ptr,  # [2, C] out, ACC dtype: the shift each channel was summed around, and
                # the batch mean minus that shift
     var_ptr,  # [C] out, ACC dtype, biased
-    running_mean_ptr, running_var_ptr,  # [C] updated in place when UPDATE_RUNNING
-    tracked_ptr,  # [] int64 num_batches_tracked, incremented when COUNT_BATCH
-    N, C, S, stride_n, stride_c, stride_s, CHUNK_N, CHUNK_S, SPLIT_S, SPLITS, GROUP, count,
-    momentum_hi, momentum_lo, ACC: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
-    COUNT_BATCH: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr, PAIR_S: tl.constexpr, INT64: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
+    running_mean_ptr, running_var_ptr,  # [C] updated in place, or None
+    tracked_ptr,  # [] int64 num_batches_tracked, incremented, or None
+    partial_ptr,  # [2, plan.scratch_rows, C] scratch of merge_partials
+    counter_ptr,  # [plan.counters] int32, zero (merge.workspace)
+    N, C, S, stride_n, stride_c, stride_s,  # the (N, C, S) view
+    CHUNK_N, CHUNK_S, SPLIT_S, SPLITS, GROUP,  # the plan's split (tiling.Plan)
+    count,  # elements per channel
+    momentum_hi, momentum_lo,  # float32_pair(momentum)
+    ACC: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr, PAIR_S: tl.constexpr,
+    INT64: tl.constexpr, BLOCK_ROWS: tl.constexpr,
 ):
+    x = (x_ptr, stride_n, stride_c, stride_s)
     c, c_mask = program_channels(C, BLOCK_C)
     n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S)
-    first, _ = load_tile(x_ptr, 0, 0, c, N, S, c_mask, stride_n, stride_c, stride_s, BLOCK_N,
-                         BLOCK_S, INT64)
+    first, _ = load_tile(x, 0, 0, (c, c_mask, N, S), BLOCK_N, BLOCK_S, INT64)
     first_count = (tl.minimum(N, BLOCK_N) * tl.minimum(S, BLOCK_S)).to(ACC)
     shift = div_rn(channel_sum(first.to(ACC)), first_count)
-    acc_d = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
-    acc_d2 = tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC)
+    bounds = (c, c_mask, n_hi, s_hi)
+    sums = (tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC), tl.zeros((BLOCK_N, BLOCK_S, BLOCK_C), ACC))
     for n0 in range(n_lo, n_hi, BLOCK_N + PAIR_N):
         for s0 in range(s_lo, s_hi, BLOCK_S + PAIR_S):
-            x, mask = load_tile(x_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_n, stride_c,
-                                stride_s, BLOCK_N, BLOCK_S, INT64)
+            x_tile, mask = load_tile(x, n0, s0, bounds, BLOCK_N, BLOCK_S, INT64)
             if PAIR_N + PAIR_S > 0:
-                x2, mask2 = load_tile(x_ptr, n0 + PAIR_N, s0 + PAIR_S, c, n_hi, s_hi, c_mask,
-                                      stride_n, stride_c, stride_s, BLOCK_N, BLOCK_S, INT64)
-                d2 = tl.where(mask2, x2.to(ACC) - shift[None, None, :], 0.0)
-                acc_d += d2
-                acc_d2 += d2 * d2
-            d = tl.where(mask, x.to(ACC) - shift[None, None, :], 0.0)
-            acc_d += d
-            acc_d2 += d * d
-    done, sum_d, sum_d2 = merge_partials(partial_ptr, counter_ptr, channel_sum(acc_d),
-                                         channel_sum(acc_d2), c, c_mask, C, SPLITS, GROUP, ACC,
-                                         BLOCK_ROWS, BLOCK_C)
+                x_pair, mask_pair = load_tile(x, n0 + PAIR_N, s0 + PAIR_S, bounds, BLOCK_N,
+                                              BLOCK_S, INT64)
+                sums = _add_deviations(sums, x_pair, mask_pair, shift, ACC)
+            sums = _add_deviations(sums, x_tile, mask, shift, ACC)
+    scratch = (partial_ptr, counter_ptr, SPLITS, GROUP)
+    done, sum_d, sum_d2 = merge_partials(scratch, channel_sum(sums[0]), channel_sum(sums[1]),
+                                         c, c_mask, C, ACC, BLOCK_ROWS, BLOCK_C)
     if done:  # one program per channel block: the statistics of its channels
         n = count.to(ACC)
         mean_d = div_rn(sum_d, n)
@@ -83,7 +86,7 @@ def _batch_stats_kernel(
         tl.store(mean_ptr + c, shift, mask=c_mask)
         tl.store(mean_ptr + C + c, mean_d, mask=c_mask)
         tl.store(var_ptr + c, var, mask=c_mask)
-        if UPDATE_RUNNING:
+        if running_mean_ptr is not None:
             if CUMULATIVE:  # momentum = 1 / batches tracked, this one included, as PyTorch
                 tracked = tl.load(tracked_ptr)  # rounds it: in float64, then to ACC
                 m = (1.0 / (tracked + 1).to(tl.float64)).to(ACC)
@@ -98,130 +101,63 @@ def _batch_stats_kernel(
                      mask=c_mask)
             tl.store(running_var_ptr + c, new_var.to(running_var_ptr.dtype.element_ty),
                      mask=c_mask)
-    if COUNT_BATCH:
+    if tracked_ptr is not None:
         # Every channel block's merger has read the count once the last of them arrives here.
-        if arrive_last_block(counter_ptr, SPLITS, GROUP, done):
+        if arrive_last_block(scratch, done):
             tl.store(tracked_ptr, tl.load(tracked_ptr) + 1)
 
 
-def triton_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def dtype_of(t):
-    """t's dtype, None for no tensor: what a cache key holds for an optional argument."""
-    return None if t is None else t.dtype
-
-
 @triton.jit
-def joined(hi, lo, ACC: tl.constexpr):
-    """A float argument split by launch.float32_pair, back in ACC: float64 keeps its digits."""
-    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
-
-
-@triton.jit
-def reciprocal_std(var, eps):
-    """1 / sqrt(var + eps), correctly rounded like PyTorch's (rsqrt is off by an ulp or two)."""
-    if var.dtype == tl.float64:
-        return 1.0 / tl.sqrt(var + eps)  # float64 sqrt and division are correctly rounded
-    else:
-        return div_rn(1.0, tl.sqrt_rn(var + eps))
-
-
-@triton.jit
-def channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, c, c_mask, C, eps_hi, eps_lo,
-                   ACC: tl.constexpr, SHIFTED: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                   HAS_BIAS: tl.constexpr):
-    """Per-channel (center, center_d, rstd, scale, bias), each [1, 1, BLOCK_C], such that
-    x - mean = (x - center) - center_d and z = (x - mean) * scale + bias; eps comes as its
-    launch.float32_pair.
-
-    SHIFTED: mean_ptr holds [2, C], a shift and the mean minus it (batch_stats' output), and
-    x is centred on the shift first: x - shift is exact for x near the mean, so |mean| >> std
-    costs no precision. Otherwise mean_ptr holds the mean itself (running statistics)."""
-    center = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    center_d = tl.zeros_like(center)
-    if SHIFTED:
-        center_d = tl.load(mean_ptr + C + c, mask=c_mask, other=0.0).to(ACC)
-    var = tl.load(var_ptr + c, mask=c_mask, other=1.0).to(ACC)
-    rstd = reciprocal_std(var, joined(eps_hi, eps_lo, ACC))
-    scale = rstd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    bias = tl.zeros_like(scale)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(ACC)
-    return (center[None, None, :], center_d[None, None, :], rstd[None, None, :],
-            scale[None, None, :], bias[None, None, :])
-
-
-@triton.jit
-def pre_activation(x, r, center, center_d, scale, bias, ACC: tl.constexpr,
-                   HAS_RESIDUAL: tl.constexpr):
-    """(z, x - mean) of one tile, z rounded to x's dtype where eager stores it: after the
-    BatchNorm, and after the residual add."""
-    x_mu = (x.to(ACC) - center) - center_d
-    z = (x_mu * scale + bias).to(x.dtype).to(ACC)
-    if HAS_RESIDUAL:
-        z = (z + r.to(ACC)).to(x.dtype).to(ACC)
-    return z, x_mu
+def _normalize_store(y, x, r, mask, n0, s0, bounds, affine, act_param, ACC: tl.constexpr,
+                     ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
+    """Store y = act(z) of one tile."""
+    z, _ = pre_activation(x, r, affine, ACC, HAS_RESIDUAL)
+    store_tile(y, activation(z, act_param, ACTIVATION), mask, n0, s0, bounds, BLOCK_N, BLOCK_S,
+               INT64)
 
 
 @CachedLaunch
 @triton.jit
 def _normalize_kernel(
-    x_ptr, r_ptr, y_ptr,  # [N, C, S] input, residual (if HAS_RESIDUAL) and output, each
-                          # with its own strides
+    x_ptr, r_ptr, y_ptr,  # [N, C, S] input, residual (or None) and output
     mean_ptr, var_ptr,  # batch statistics ([2, C] mean: SHIFTED) or running statistics
-    weight_ptr, bias_ptr,  # [C] or unused (HAS_WEIGHT, HAS_BIAS)
+    weight_ptr, bias_ptr,  # [C], or None
     N, C, S, stride_xn, stride_xc, stride_xs, stride_rn, stride_rc, stride_rs,
-    stride_yn, stride_yc, stride_ys, CHUNK_N, CHUNK_S, SPLIT_S, eps_hi, eps_lo, act_param_hi,
-    act_param_lo,
+    stride_yn, stride_yc, stride_ys,  # the (N, C, S) view of each tensor
+    CHUNK_N, CHUNK_S, SPLIT_S,  # the plan's split (tiling.Plan)
+    eps_hi, eps_lo, act_param_hi, act_param_lo,  # float32_pair(eps), of the activation's param
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, SHIFTED: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr,
     PAIR_S: tl.constexpr, INT64: tl.constexpr,
 ):
+    HAS_RESIDUAL: tl.constexpr = r_ptr is not None
+    HAS_WEIGHT: tl.constexpr = weight_ptr is not None
+    HAS_BIAS: tl.constexpr = bias_ptr is not None
+    x = (x_ptr, stride_xn, stride_xc, stride_xs)
+    r = (r_ptr, stride_rn, stride_rc, stride_rs)
+    y = (y_ptr, stride_yn, stride_yc, stride_ys)
     # In reverse: see program_index.
     c, c_mask = program_channels(C, BLOCK_C, REVERSE=True)
     n_lo, n_hi, s_lo, s_hi = program_rows(N, S, CHUNK_N, CHUNK_S, SPLIT_S, REVERSE=True)
+    bounds = (c, c_mask, n_hi, s_hi)
     act_param = joined(act_param_hi, act_param_lo, ACC)
-    # A name of its own for the unused rstd: the loop below reassigns `_` with another shape.
-    center, center_d, _rstd, scale, bias = channel_affine(mean_ptr, var_ptr, weight_ptr,
-                                                          bias_ptr, c, c_mask, C, eps_hi,
-                                                          eps_lo, ACC, SHIFTED, HAS_WEIGHT,
-                                                          HAS_BIAS)
+    affine = channel_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, c, c_mask, C, eps_hi,
+                            eps_lo, ACC, SHIFTED, HAS_WEIGHT, HAS_BIAS)
     # Both tiles are loaded ahead of both stores, which the compiler may not reorder.
     for n0 in range(n_lo, n_hi, BLOCK_N + PAIR_N):
         for s0 in range(s_lo, s_hi, BLOCK_S + PAIR_S):
-            x, r, mask = load_x_r(x_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn,
-                                   stride_xc, stride_xs, stride_rn, stride_rc, stride_rs,
-                                   HAS_RESIDUAL, BLOCK_N, BLOCK_S, INT64)
+            x_tile, r_tile, mask = load_x_r(x, r, n0, s0, bounds, HAS_RESIDUAL, BLOCK_N, BLOCK_S,
+                                            INT64)
             if PAIR_N + PAIR_S > 0:
                 n1, s1 = n0 + PAIR_N, s0 + PAIR_S
-                x2, r2, mask2 = load_x_r(x_ptr, r_ptr, n1, s1, c, n_hi, s_hi, c_mask,
-                                          stride_xn, stride_xc, stride_xs, stride_rn, stride_rc,
-                                          stride_rs, HAS_RESIDUAL, BLOCK_N, BLOCK_S, INT64)
-                z2, _ = pre_activation(x2, r2, center, center_d, scale, bias, ACC, HAS_RESIDUAL)
-                store_tile(y_ptr, activation(z2, act_param, ACTIVATION), mask2, n1, s1, c,
-                           stride_yn, stride_yc, stride_ys, BLOCK_N, BLOCK_S, INT64)
-            z, _ = pre_activation(x, r, center, center_d, scale, bias, ACC, HAS_RESIDUAL)
-            store_tile(y_ptr, activation(z, act_param, ACTIVATION), mask, n0, s0, c, stride_yn,
-                       stride_yc, stride_ys, BLOCK_N, BLOCK_S, INT64)
-
-
-@triton.jit
-def load_x_r(x_ptr, r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xc, stride_xs,
-              stride_rn, stride_rc, stride_rs, HAS_RESIDUAL: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
-    """(x, residual, mask) of the tile at (n0, s0); without a residual x stands in for it."""
-    x, mask = load_tile(x_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_xn, stride_xc, stride_xs,
-                        BLOCK_N, BLOCK_S, INT64)
-    r = x  # unread without a residual: a placeholder the compiler can type (None it cannot)
-    if HAS_RESIDUAL:
-        r, _ = load_tile(r_ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_rn, stride_rc, stride_rs,
-                         BLOCK_N, BLOCK_S, INT64)
-    return x, r, mask
+                x_pair, r_pair, mask_pair = load_x_r(x, r, n1, s1, bounds, HAS_RESIDUAL, BLOCK_N,
+                                                     BLOCK_S, INT64)
+                _normalize_store(y, x_pair, r_pair, mask_pair, n1, s1, bounds, affine,
+                                 act_param, ACC, ACTIVATION, HAS_RESIDUAL, BLOCK_N, BLOCK_S,
+                                 INT64)
+            _normalize_store(y, x_tile, r_tile, mask, n0, s0, bounds, affine, act_param, ACC,
+                             ACTIVATION, HAS_RESIDUAL, BLOCK_N, BLOCK_S, INT64)
 
 
 def batch_stats(x, running_mean, running_var, momentum: float, num_batches_tracked=None):
@@ -229,7 +165,7 @@ def batch_stats(x, running_mean, running_var, momentum: float, num_batches_track
 
     mean is [2, C]: the shift each channel's sums were taken around, and the batch mean minus
     it (normalize_act centres x on the shift first). x's spatial dims must collapse
-    (tritonbn.layout). Updates running_mean/running_var in place when they are given
+    (kernels.layout). Updates running_mean/running_var in place when they are given
     (unbiased variance, PyTorch's momentum convention). A given num_batches_tracked is
     incremented on the device; momentum=None then means the cumulative average,
     1 / num_batches_tracked, also taken on the device (and 0 without a count, as in
@@ -242,21 +178,18 @@ def batch_stats(x, running_mean, running_var, momentum: float, num_batches_track
     counters, partial = workspace(x.device, plan.counters, 2 * plan.scratch_rows * C, acc)
     mean = x.new_empty((2, C), dtype=acc)
     var = x.new_empty(C, dtype=acc)
-    update = running_mean is not None
-    count_batch = num_batches_tracked is not None
-    cumulative = update and count_batch and momentum is None
+    cumulative = running_mean is not None and num_batches_tracked is not None and momentum is None
+    momentum_hi, momentum_lo = float32_pair(0.0 if momentum is None else float(momentum))
     _batch_stats_kernel.launch(
         (plan, x.dtype, dtype_of(running_mean), dtype_of(running_var),
          dtype_of(num_batches_tracked), cumulative),
-        (x, partial, counters, mean, var, running_mean if update else mean,
-         running_var if update else var, num_batches_tracked if count_batch else mean),
-        float32_pair(0.0 if momentum is None else float(momentum)),
-        lambda: Launch(plan.grid, (plan.n, C, plan.s, *plan.strides(x_ncs), plan.chunk_n,
-                                   plan.chunk_s, plan.split_s, plan.splits, plan.group,
-                                   x.numel() // C),
-                       dict(ACC=triton_dtype(x.dtype), UPDATE_RUNNING=update,
-                            COUNT_BATCH=count_batch, CUMULATIVE=cumulative,
-                            BLOCK_ROWS=plan.block_rows, **plan.tiles)))
+        lambda: Launch(plan.grid, dict(
+            N=plan.n, C=C, S=plan.s, **plan.strides(x_ncs), **plan.split,
+            count=x.numel() // C, ACC=triton_dtype(x.dtype), CUMULATIVE=cumulative,
+            BLOCK_ROWS=plan.block_rows, **plan.tiles)),
+        x_ptr=x, mean_ptr=mean, var_ptr=var, running_mean_ptr=running_mean,
+        running_var_ptr=running_var, tracked_ptr=num_batches_tracked, partial_ptr=partial,
+        counter_ptr=counters, momentum_hi=momentum_hi, momentum_lo=momentum_lo)
     return mean, var
 
 
@@ -268,17 +201,17 @@ def normalize_act(x, mean, var, weight, bias, residual, eps: float, activation: 
     x_ncs, y_ncs = strides_ncs(x), strides_ncs(y)
     r_ncs = x_ncs if residual is None else strides_ncs(residual)
     plan = make_plan(x, x_ncs, y_ncs, r_ncs)
+    eps_hi, eps_lo = float32_pair(eps)
+    act_param_hi, act_param_lo = float32_pair(activation_param)
     _normalize_kernel.launch(
         (plan, x.dtype, mean.dtype, mean.dim(), var.dtype, dtype_of(weight), dtype_of(bias),
          dtype_of(residual), activation),
-        (x, x if residual is None else residual, y, mean, var,
-         mean if weight is None else weight, mean if bias is None else bias),
-        (*float32_pair(eps), *float32_pair(activation_param)),
-        lambda: Launch(plan.grid, (plan.n, x.shape[1], plan.s, *plan.strides(x_ncs),
-                                   *plan.strides(r_ncs), *plan.strides(y_ncs), plan.chunk_n,
-                                   plan.chunk_s, plan.split_s),
-                       dict(ACC=triton_dtype(x.dtype), ACTIVATION=activation,
-                            SHIFTED=mean.dim() == 2, HAS_WEIGHT=weight is not None,
-                            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                            **plan.tiles)))
+        lambda: Launch(plan.grid, dict(
+            N=plan.n, C=x.shape[1], S=plan.s, **plan.strides(x_ncs, "x"),
+            **plan.strides(r_ncs, "r"), **plan.strides(y_ncs, "y"), **plan.split_rows,
+            ACC=triton_dtype(x.dtype), ACTIVATION=activation, SHIFTED=mean.dim() == 2,
+            **plan.tiles)),
+        x_ptr=x, r_ptr=residual, y_ptr=y, mean_ptr=mean, var_ptr=var, weight_ptr=weight,
+        bias_ptr=bias, eps_hi=eps_hi, eps_lo=eps_lo, act_param_hi=act_param_hi,
+        act_param_lo=act_param_lo)
     return y

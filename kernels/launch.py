@@ -6,13 +6,19 @@ small tensors. ``@CachedLaunch`` wraps a ``@triton.jit`` function so that the fi
 given ``cache_key`` goes through Triton (compiling if needed) and later calls hand the compiled
 kernel straight to its launcher, as torch.compile's own Triton launchers do.
 
+A launcher calls ``kernel.launch(cache_key, bind, **arguments)``: ``arguments`` are the
+kernel's tensors (``None`` for an absent one, which Triton compiles as a constant) and floats,
+by parameter name; ``bind()`` gives the grid and the ints, constexprs and compile options, also
+by name. Once per cache key the launch layer works out where each name goes in the kernel's
+parameter list; a call then orders its arguments with two C-level lookups.
+
 The caller's ``cache_key`` stands for everything Triton specialises on but tensor alignment:
-each tensor's dtype, each int's value (width, divisibility by 16, equality to 1), the
-constexpr and compile-option keywords; and for the grid. The launchers in this package key on
-their launch plan (shapes and strides) and the dtypes and flags they pass, from which all of
-these follow, and work out the grid, ints and constexprs only when the key is new. Floats
-must be Python floats (they are never specialised). Alignment is checked per call: a launch
-whose tensors are not all 16-byte aligned goes through Triton's own path.
+each tensor's dtype or absence, each int's value (width, divisibility by 16, equality to 1),
+the constexpr and compile-option keywords; and for the grid. The launchers in this package key
+on their launch plan (shapes and strides) and the dtypes and flags they pass, from which all
+of these follow, and call ``bind`` only when the key is new. Floats must be Python floats
+(they are never specialised). Alignment is checked per call: a launch whose tensors are not
+all 16-byte aligned goes through Triton's own path.
 Under the interpreter, and on backends other than NVIDIA's, every call goes through Triton
 unchanged. The direct path skips what Triton checks per call beyond specialisation (pre-run
 hooks, changed globals, the debug knob), and takes the grid to be a tuple.
@@ -36,10 +42,8 @@ every launch goes through ``torch.library.wrap_triton`` instead: torch.compile r
 Inductor then launches the kernel from its own generated code.
 """
 import contextlib
-import functools
-import math
+import operator
 import os
-import struct
 import threading
 import warnings
 from typing import NamedTuple, Optional
@@ -49,8 +53,8 @@ import triton
 from triton import knobs
 from triton.runtime import driver
 
-# Triton decides at import time whether its kernels are interpreted; so do we.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from . import INTERPRETING
+
 # major.minor versions on which GPU runs have checked the direct path against Triton's own.
 # Triton 3.9 has only compiled these kernels offline, never launched them on a GPU: not listed.
 # A patch release is taken to keep its minor's internals, so it shares the minor's entry.
@@ -121,22 +125,23 @@ def _active(hook):
     return None if hook is None or getattr(hook, "calls", None) == [] else hook
 
 
-@functools.lru_cache(maxsize=256)  # eps, momentum and slopes repeat from call to call
-def float32_pair(value: float) -> tuple:
-    """(hi, lo): hi the float32 nearest to value, lo the float32 nearest to value - hi.
-    Triton passes Python floats to a kernel as float32; a kernel computing in float64 adds
-    the two back (to within 2^-48 of value) with forward.joined."""
-    hi = struct.unpack("f", struct.pack("f", value))[0]
-    return hi, (value - hi if math.isfinite(hi) else 0.0)  # inf - inf would be NaN
-
-
 class Launch(NamedTuple):
-    """What a launcher works out once per cache key: the grid, the int arguments (which follow
-    the tensors), and the constexpr and compile-option keywords."""
+    """What a launcher works out once per cache key: the grid, and the int, constexpr and
+    compile-option arguments by name."""
 
     grid: tuple
-    ints: tuple
-    constexprs: dict
+    constants: dict
+
+
+class _Direct(NamedTuple):
+    """A compiled variant, ready to launch: its grid as a 3-tuple, and the functions that pick
+    a call's tensors (for the alignment check) and its full argument list, in the kernel's
+    parameter order, out of the call's arguments."""
+
+    kernel: object
+    grid: tuple
+    tensors: object  # arguments -> the call's tensors, a tuple
+    ordered: object  # arguments -> every parameter's value, in order
 
 
 LAUNCHERS = []  # every CachedLaunch, in the order the kernel modules define them
@@ -147,84 +152,83 @@ class DirectLaunchFallbackWarning(RuntimeWarning):
 
 
 class CachedLaunch:
-    """``kernel.launch(cache_key, tensors, floats, bind)`` runs the wrapped JIT function with
-    the arguments ``*tensors, *ints, *floats, **constexprs`` on ``grid``, where
-    ``(grid, ints, constexprs) = bind()``; bind is called only when cache_key is new (or on
-    Triton's own path). The kernel's parameters must come in that order."""
+    """``kernel.launch(cache_key, bind, **arguments)`` runs the wrapped JIT function on
+    ``bind().grid`` with ``**arguments, **bind().constants``; bind is called only when
+    cache_key is new (or on Triton's own path)."""
 
     def __init__(self, jit_fn):
         self.jit_fn = jit_fn
         LAUNCHERS.append(self)
-        self._compiled = {}  # (device, cache_key) -> (kernel, grid, ints, constexpr values)
+        self._compiled = {}  # (device, cache_key) -> _Direct
         self._unproven = {}  # the same, for variants yet to prove themselves (PROVE_LAUNCHES)
         self.proven = 0  # variants that passed their proof
         self._fell_back = False  # a direct launch raised or failed its proof: nothing is cached
 
-    def launch(self, cache_key, tensors, floats, bind):
+    def launch(self, cache_key, bind, **arguments):
         if launches_traced():
             bound = bind()
-            torch.library.wrap_triton(self.jit_fn)[bound.grid](
-                *tensors, *bound.ints, *floats, **bound.constexprs)
+            torch.library.wrap_triton(self.jit_fn)[bound.grid](**arguments, **bound.constants)
             return
         if not LAUNCH_DIRECTLY:
-            self._through_triton(bind(), tensors, floats)
+            self._through_triton(bind(), arguments)
             return
         device = driver.active.get_current_device()
         entry = self._compiled.get((device, cache_key))
         if entry is None:
-            self._launch_uncached((device, cache_key), bind, tensors, floats)
+            self._launch_uncached((device, cache_key), bind, arguments)
             return
-        for tensor in tensors:
+        for tensor in entry.tensors(arguments):
             if tensor.data_ptr() % 16:  # compiled for aligned tensors: not this call
-                self._through_triton(bind(), tensors, floats)
+                self._through_triton(bind(), arguments)
                 return
         try:
-            _run(entry, device, tensors, floats)
+            _run(entry, device, entry.ordered(arguments))
         except Exception as error:
             # Relaunching assumes the failed call launched nothing; only an exit hook that
             # raises could break that, and it raises again on Triton's path.
             self._fall_back(error)
-            self._through_triton(bind(), tensors, floats)
+            self._through_triton(bind(), arguments)
 
-    def _through_triton(self, bound: Launch, tensors, floats):
-        return self.jit_fn[bound.grid](*tensors, *bound.ints, *floats, **bound.constexprs)
+    def _through_triton(self, bound: Launch, arguments: dict):
+        return self.jit_fn[bound.grid](**arguments, **bound.constants)
 
-    def _launch_uncached(self, key, bind, tensors, floats):
+    def _launch_uncached(self, key, bind, arguments):
         """A call whose variant has no trusted entry: it compiles, or proves itself."""
         entry = self._unproven.pop(key, None)
         if entry is None:
-            self._compile(key, bind(), tensors, floats)
+            self._compile(key, bind(), arguments)
         else:
             bound = bind()
-            proved = (self._prove(entry, key[0], bound, tensors, floats)
-                      if self._provable(tensors) else None)
+            proved = (self._prove(entry, key[0], bound, arguments)
+                      if self._provable(arguments) else None)
             if proved:
                 self._compiled[key] = entry  # direct from the next call on
             elif proved is None:
                 self._unproven[key] = entry  # a later call proves it
-            self._through_triton(bound, tensors, floats)
+            self._through_triton(bound, arguments)
 
     @staticmethod
-    def _provable(tensors) -> bool:
+    def _provable(arguments: dict) -> bool:
         """Whether this call can carry a proof: aligned tensors, small enough to copy, and no
         CUDA graph being captured (the comparison waits for the GPU)."""
-        unique = {id(tensor): tensor for tensor in tensors}.values()
+        unique = {id(tensor): tensor for tensor in _tensors(arguments)}.values()
         return (all(tensor.data_ptr() % 16 == 0 for tensor in unique)
                 and sum(tensor.nbytes for tensor in unique) <= PROOF_MAX_BYTES
-                and not (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()))
+                and not (any(tensor.is_cuda for tensor in unique)
+                         and torch.cuda.is_current_stream_capturing()))
 
-    def _prove(self, entry, device, bound: Launch, tensors, floats) -> Optional[bool]:
+    def _prove(self, entry: _Direct, device, bound: Launch, arguments: dict) -> Optional[bool]:
         """Launch Triton's path and the direct path on two copies of the call's tensors, and
         compare the copies bit for bit: True if they agree; False if not, after falling back
         with a warning; None if the copies did not fit in memory this time."""
         try:
-            through_triton, direct = _copies(tensors), _copies(tensors)
+            through_triton, direct = _copies(arguments), _copies(arguments)
         except torch.OutOfMemoryError:
             return None
-        self._through_triton(bound, through_triton, floats)
+        self._through_triton(bound, through_triton)
         try:
-            _run(entry, device, direct, floats)
-            if not all(map(_same_bits, through_triton, direct)):
+            _run(entry, device, entry.ordered(direct))
+            if not all(map(_same_bits, _tensors(through_triton), _tensors(direct))):
                 raise RuntimeError("its results differ from Triton's launch of the same "
                                    "arguments")
         except Exception as error:
@@ -233,29 +237,39 @@ class CachedLaunch:
         self.proven += 1
         return True
 
-    def _compile(self, key, bound: Launch, tensors, floats):
+    def _compile(self, key, bound: Launch, arguments: dict):
         """Launch through Triton, and remember the compiled kernel if every tensor is aligned."""
-        kernel = self._through_triton(bound, tensors, floats)
-        if self._fell_back or kernel is None or any(tensor.data_ptr() % 16 for tensor in tensors):
+        kernel = self._through_triton(bound, arguments)
+        if (self._fell_back or kernel is None
+                or any(tensor.data_ptr() % 16 for tensor in _tensors(arguments))):
             return
         try:
-            self._remember(key, kernel, bound, len(tensors) + len(floats))
+            self._remember(key, kernel, bound, arguments)
         except Exception as error:
             self._fall_back(error)
 
-    def _remember(self, key, kernel, bound: Launch, tensors_and_floats: int):
+    def _remember(self, key, kernel, bound: Launch, arguments: dict):
         if hasattr(kernel, "result"):  # compiled asynchronously
             kernel = kernel.result()
-        # The compiled kernel takes every parameter in order, constexprs included.
-        tail_params = self.jit_fn.params[tensors_and_floats + len(bound.ints):]
-        assert all(param.is_constexpr for param in tail_params), \
-            "tensors, ints, floats, then constexprs: the kernel's parameters in another order"
+        # The compiled kernel takes every parameter in order, constants included. A call's
+        # values are gathered, then put in that order: the variable ones (tensors and floats)
+        # by name from the call, ahead of this variant's constants (absent tensors among them).
+        names = [param.name for param in self.jit_fn.params]
+        variable = [name for name in names if arguments.get(name) is not None]
+        constants = {**bound.constants, **{name: None for name in names
+                                           if name in arguments and arguments[name] is None}}
+        fixed = [name for name in names if name not in variable]
+        fixed_values = tuple(constants[name] for name in fixed)
+        gathered = variable + fixed
+        in_order = operator.itemgetter(*(gathered.index(name) for name in names))
+        pick_variable = _picker(variable)
+        tensor_names = [name for name in variable if isinstance(arguments[name], torch.Tensor)]
         entries = self._unproven if PROVE_LAUNCHES else self._compiled
         if len(entries) >= MAX_CACHED:
             entries.clear()
-        grid = tuple(bound.grid) + (1,) * (3 - len(bound.grid))
-        entries[key] = (kernel, grid, bound.ints,
-                        tuple(bound.constexprs[param.name] for param in tail_params))
+        entries[key] = _Direct(kernel, tuple(bound.grid) + (1,) * (3 - len(bound.grid)),
+                               _picker(tensor_names),
+                               lambda call: in_order(pick_variable(call) + fixed_values))
 
     def _fall_back(self, error: Exception):
         self._fell_back = True
@@ -267,28 +281,41 @@ class CachedLaunch:
                       f"every kernel there.", DirectLaunchFallbackWarning)
 
 
-def _run(entry, device, tensors, floats):
+def _picker(names):
+    """arguments -> the values of names, always a tuple (itemgetter of one name is not)."""
+    if len(names) == 1:
+        (name,) = names
+        return lambda arguments: (arguments[name],)
+    return operator.itemgetter(*names) if names else lambda arguments: ()
+
+
+def _tensors(arguments: dict) -> list:
+    return [value for value in arguments.values() if isinstance(value, torch.Tensor)]
+
+
+def _run(entry: _Direct, device, args: tuple):
     """Hand a compiled kernel straight to its launcher, as Triton's own path would."""
-    kernel, grid, ints, tail = entry
+    kernel, grid = entry.kernel, entry.grid
     stream = driver.active.get_current_stream(device)
     enter_hook = _active(knobs.runtime.launch_enter_hook)
     exit_hook = _active(knobs.runtime.launch_exit_hook)
     metadata = (None if enter_hook is None and exit_hook is None else
-                kernel.launch_metadata(grid, stream, *tensors, *ints, *floats, *tail))
+                kernel.launch_metadata(grid, stream, *args))
     kernel.run(*grid, stream, kernel.function, kernel.packed_metadata, metadata,
-               enter_hook, exit_hook, *tensors, *ints, *floats, *tail)
+               enter_hook, exit_hook, *args)
 
 
-def _copies(tensors) -> tuple:
-    """A copy of each tensor with its sizes and strides; a tensor passed twice is copied once,
-    so the copies alias as the originals do."""
+def _copies(arguments: dict) -> dict:
+    """arguments with a copy of each tensor, sizes and strides kept; a tensor passed twice is
+    copied once, so the copies alias as the originals do."""
     made = {}
-    for tensor in tensors:
+    for tensor in _tensors(arguments):
         if id(tensor) not in made:
             made[id(tensor)] = torch.empty_strided(
                 tensor.size(), tensor.stride(), dtype=tensor.dtype,
                 device=tensor.device).copy_(tensor)
-    return tuple(made[id(tensor)] for tensor in tensors)
+    return {name: made[id(value)] if isinstance(value, torch.Tensor) else value
+            for name, value in arguments.items()}
 
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -319,10 +346,10 @@ def launches_in(fn) -> int:
     count = 0
     original = CachedLaunch.launch
 
-    def counted(self, *args):
+    def counted(self, *args, **kwargs):
         nonlocal count
         count += 1
-        return original(self, *args)
+        return original(self, *args, **kwargs)
 
     CachedLaunch.launch = counted
     try:

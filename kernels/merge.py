@@ -57,15 +57,17 @@ def sum_rows(ptr, first_row, rows, half, c, c_mask, C, ACC: tl.constexpr,
 
 
 @triton.jit
-def merge_partials(partial_ptr, counter_ptr, first, second, c, c_mask, C, SPLITS, GROUP,
-                   ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+def merge_partials(scratch, first, second, c, c_mask, C, ACC: tl.constexpr,
+                   BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     """Store this program's [BLOCK_C] partials `first` and `second` and merge every program's.
 
-    partial_ptr: [2, SPLITS + cdiv(SPLITS, GROUP), C] scratch; counter_ptr: the launch's
-    counters, cdiv(SPLITS, GROUP) + 1 per channel block and one more (arrive_last_block).
+    scratch: (partial_ptr, counter_ptr, SPLITS, GROUP), with partial_ptr a
+    [2, SPLITS + cdiv(SPLITS, GROUP), C] scratch and counter_ptr the launch's counters,
+    cdiv(SPLITS, GROUP) + 1 per channel block and one more (arrive_last_block).
     Returns (done, first_total, second_total): done is True in exactly one program of the
     channel block, the one whose totals are valid.
     """
+    partial_ptr, counter_ptr, SPLITS, GROUP = scratch
     split = tl.program_id(1)
     groups = tl.cdiv(SPLITS, GROUP)
     counter_ptr += tl.program_id(0) * (groups + 1)
@@ -91,9 +93,10 @@ def merge_partials(partial_ptr, counter_ptr, first, second, c, c_mask, C, SPLITS
 
 
 @triton.jit
-def arrive_last_block(counter_ptr, SPLITS, GROUP, done):
-    """Called with merge_partials' `done` after using the totals: True in the one program of
-    the launch whose channel block is the last to finish its merge."""
+def arrive_last_block(scratch, done):
+    """Called with merge_partials' scratch and `done` after using the totals: True in the one
+    program of the launch whose channel block is the last to finish its merge."""
+    _, counter_ptr, SPLITS, GROUP = scratch
     blocks = tl.num_programs(0)
     return arrive(counter_ptr + blocks * (tl.cdiv(SPLITS, GROUP) + 1), blocks, done)
 

@@ -43,7 +43,6 @@ class Plan:
 
     n: int  # rows along the outer axis (1 when rows are flattened)
     s: int  # rows along the inner axis (N * S when flattened)
-    channels: int
     block_n: int
     block_s: int
     block_c: int
@@ -61,12 +60,24 @@ class Plan:
     scratch_rows: int  # rows of each half of the merge's [2, scratch_rows, channels] scratch
     counters: int  # counters a merging launch needs
 
-    def strides(self, ncs):
-        """Per-tensor (stride_n, stride_c, stride_s) in this plan's view."""
+    def strides(self, ncs, tensor: str = "") -> dict:
+        """A tensor's (stride_n, stride_c, stride_s) in this plan's view, named as the kernels'
+        parameters are: stride_<tensor>n, stride_<tensor>c, stride_<tensor>s."""
         stride_n, stride_c, stride_s = ncs
         if self.n == 1:  # flattened rows: stride_s walks all N * S rows
-            return 0, stride_c, stride_s
-        return stride_n, stride_c, stride_s
+            stride_n = 0
+        return {f"stride_{tensor}n": stride_n, f"stride_{tensor}c": stride_c,
+                f"stride_{tensor}s": stride_s}
+
+    @property
+    def split_rows(self) -> dict:
+        """How the rows are split over programs, as the kernels' parameters."""
+        return dict(CHUNK_N=self.chunk_n, CHUNK_S=self.chunk_s, SPLIT_S=self.split_s)
+
+    @property
+    def split(self) -> dict:
+        """split_rows, and the split count and merge group of the reductions (merge.py)."""
+        return dict(self.split_rows, SPLITS=self.splits, GROUP=self.group)
 
     @property
     def tiles(self) -> dict:
@@ -138,7 +149,7 @@ def _plan(shape, all_ncs, element_size, sms):
     splits = split_n * split_s
     channel_blocks = triton.cdiv(channels, block_c)
     group, block_rows = merge.merge_geometry(splits, block_c)
-    return Plan(n, s, channels, block_n, block_s, block_c, chunk_n, chunk_s, split_s, splits,
+    return Plan(n, s, block_n, block_s, block_c, chunk_n, chunk_s, split_s, splits,
                 int64, NUM_WARPS, pair_n, pair_s, (channel_blocks, splits), group, block_rows,
                 merge.scratch_rows(splits, group),
                 merge.counters_needed(channel_blocks, splits, group))
@@ -169,40 +180,48 @@ def program_channels(C, BLOCK_C: tl.constexpr, REVERSE: tl.constexpr = False):
     return c, c < C
 
 
+# The tile helpers below take two tuples a kernel builds once:
+# - a view, (ptr, stride_n, stride_c, stride_s): one tensor in the (N, C, S) view;
+# - bounds, (c, c_mask, n_hi, s_hi): the program's channels and the ends of its rows;
+# and the tile's constexpr shape, BLOCK_N x BLOCK_S (x BLOCK_C, c's length), and index width.
+
 @triton.jit
-def tile_offsets(n0, s0, c, stride_n, stride_c, stride_s, BLOCK_N: tl.constexpr,
-                 BLOCK_S: tl.constexpr, INT64: tl.constexpr):
-    """Element offsets of the [BLOCK_N, BLOCK_S, BLOCK_C] tile whose first row is (n0, s0)."""
+def tile_offsets(view, n0, s0, c, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                 INT64: tl.constexpr):
+    """Element offsets, from view's pointer, of the [BLOCK_N, BLOCK_S, BLOCK_C] tile whose
+    first row is (n0, s0)."""
     n = n0 + tl.arange(0, BLOCK_N)
     s = s0 + tl.arange(0, BLOCK_S)
     if INT64:
         n = n.to(tl.int64)
         s = s.to(tl.int64)
         c = c.to(tl.int64)
-    return n[:, None, None] * stride_n + s[None, :, None] * stride_s + c[None, None, :] * stride_c
+    return n[:, None, None] * view[1] + s[None, :, None] * view[3] + c[None, None, :] * view[2]
 
 
 @triton.jit
-def tile_mask(n0, s0, n_hi, s_hi, c_mask, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+def tile_mask(n0, s0, bounds, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     n = n0 + tl.arange(0, BLOCK_N)
     s = s0 + tl.arange(0, BLOCK_S)
-    return (n < n_hi)[:, None, None] & (s < s_hi)[None, :, None] & c_mask[None, None, :]
+    return ((n < bounds[2])[:, None, None] & (s < bounds[3])[None, :, None]
+            & bounds[1][None, None, :])
 
 
 @triton.jit
-def load_tile(ptr, n0, s0, c, n_hi, s_hi, c_mask, stride_n, stride_c, stride_s,
-              BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
+def load_tile(view, n0, s0, bounds, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+              INT64: tl.constexpr):
     """(values, mask) of the tile at (n0, s0); masked-out lanes read 0."""
-    mask = tile_mask(n0, s0, n_hi, s_hi, c_mask, BLOCK_N, BLOCK_S)
-    offs = tile_offsets(n0, s0, c, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_S, INT64)
-    return tl.load(ptr + offs, mask=mask, other=0.0), mask
+    mask = tile_mask(n0, s0, bounds, BLOCK_N, BLOCK_S)
+    offsets = tile_offsets(view, n0, s0, bounds[0], BLOCK_N, BLOCK_S, INT64)
+    return tl.load(view[0] + offsets, mask=mask, other=0.0), mask
 
 
 @triton.jit
-def store_tile(ptr, values, mask, n0, s0, c, stride_n, stride_c, stride_s,
-               BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
-    offs = tile_offsets(n0, s0, c, stride_n, stride_c, stride_s, BLOCK_N, BLOCK_S, INT64)
-    tl.store(ptr + offs, values.to(ptr.dtype.element_ty), mask=mask)
+def store_tile(view, values, mask, n0, s0, bounds, BLOCK_N: tl.constexpr,
+               BLOCK_S: tl.constexpr, INT64: tl.constexpr):
+    ptr = view[0]
+    offsets = tile_offsets(view, n0, s0, bounds[0], BLOCK_N, BLOCK_S, INT64)
+    tl.store(ptr + offsets, values.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -70,24 +70,24 @@ def launches_compiled(targets, sms: int | None = None):
     backends = {name: make_backend(TARGETS[name]) for name in targets}
     binders, variants, launches = {}, {}, []
 
-    def compile_launch(self, bound, tensors, floats):
+    def compile_launch(self, bound, arguments):
         for name, backend in backends.items():
             fn = self.jit_fn
             if (name, fn) not in binders:
                 binders[name, fn] = create_function_from_signature(fn.signature, fn.params,
                                                                    backend)
-            arguments, specialization, options = binders[name, fn](
-                *tensors, *bound.ints, *floats, **bound.constexprs)
+            bound_arguments, specialization, options = binders[name, fn](
+                **arguments, **bound.constants)
             key = (name, fn, str(specialization), str(options))
             if key not in variants:
                 options, signature, constexprs, attrs = fn._pack_args(
-                    backend, options, arguments, specialization, options)
+                    backend, options, bound_arguments, specialization, options)
                 variants[key] = (triton.compile(ASTSource(fn, signature, constexprs, attrs),
                                                 target=TARGETS[name], options=options.__dict__),
                                  signature)
             kernel, signature = variants[key]
             launches.append(CompiledLaunch(name, kernel, fn.__name__, tuple(bound.grid),
-                                           arguments, signature))
+                                           bound_arguments, signature))
 
     saved = launch.LAUNCH_DIRECTLY, launch.CachedLaunch._through_triton, tiling.INTERPRETER_SMS
     launch.LAUNCH_DIRECTLY = False

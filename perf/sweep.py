@@ -436,7 +436,7 @@ def environment() -> dict:
                    memory=f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
     env.update(python=sys.version.split()[0], torch=torch.__version__,
                triton=triton.__version__, numpy=np.__version__, cpus=os.cpu_count(),
-               interpreter=tritonbn.ops.INTERPRETING, direct_launches=launch.LAUNCH_DIRECTLY)
+               interpreter=tritonbn.dispatch.INTERPRETING, direct_launches=launch.LAUNCH_DIRECTLY)
     if ON_GPU:
         env["copy_bandwidth"] = f"{copy_bandwidth_gbps():.0f} GB/s"
     return env
@@ -479,12 +479,12 @@ def results_frame(rows: list[dict], copy_gbps: float, device_name: str) -> pd.Da
     df = add_speedups(pd.DataFrame(rows).reindex(columns=COLUMNS))
     return df.assign(copy_gbps=copy_gbps, gpu=device_name, torch=torch.__version__,
                      triton=triton.__version__, date=date.today().isoformat(),
-                     interpreter=tritonbn.ops.INTERPRETING)
+                     interpreter=tritonbn.dispatch.INTERPRETING)
 
 
 def main(argv=None) -> pd.DataFrame | None:
     args = parse_args(argv)
-    interpreting = tritonbn.ops.INTERPRETING
+    interpreting = tritonbn.dispatch.INTERPRETING
     if not ON_GPU and not interpreting:
         sys.exit("no GPU, and triton was imported without TRITON_INTERPRET=1: tritonbn would "
                  "run its PyTorch reference, not its kernels")

@@ -13,7 +13,7 @@ from triton.testing import do_bench
 
 from tritonbn import kernels
 from tritonbn.activations import RELU
-from tritonbn.layout import strides_ncs
+from tritonbn.kernels.layout import strides_ncs
 from tritonbn.kernels import tiling
 
 SHAPES = [((128, 256, 56, 56), torch.bfloat16, torch.channels_last),

@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 import tritonbn
-from tritonbn import ops
+from tritonbn import dispatch
 
 MODELS = ("torchvision/resnet18", "torchvision/resnet50", "torchvision/resnext50_32x4d",
           "torchvision/regnet_y_400mf", "torchvision/mobilenet_v2",
@@ -196,7 +196,7 @@ def run(model_name: str, image_size: int, batch: int, counts_only: bool, seed: i
     checks = [{}] if counts_only else check(model, converted, image_size, batch)
     probe = torch.empty(1)
     backend = (("triton-interpreter" if probe.device.type == "cpu" else "triton")
-               if ops.runs_triton(probe) else "reference")
+               if dispatch.runs_triton(probe) else "reference")
     common = dict(image_size=image_size, batch=batch, backend=backend, device=probe.device.type,
                   seconds=round(time.perf_counter() - start, 1), torch=torch.__version__,
                   triton=_triton_version(), date=date.today().isoformat())
@@ -248,13 +248,7 @@ def all_models() -> list[str]:
     for kind in TORCHVISION_KINDS:
         module = getattr(torchvision.models, kind) if kind else torchvision.models
         for name in torchvision.models.list_models(module=module):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    with torch.device("meta"):  # quick, where the builder allows it
-                        model = build(f"torchvision/{name}")
-                except NotImplementedError:
-                    model = build(f"torchvision/{name}")
+            model = _meta_build(f"torchvision/{name}")
             if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
                 names.append(f"torchvision/{name}")
     return names + [f"timm/{line.split()[0]}" for line in TIMM_FAMILIES.read_text().splitlines()
@@ -376,8 +370,34 @@ def _tally(reasons: collections.Counter) -> str:
     return "; ".join(f"{count} {reason}" for reason, count in reasons.most_common())
 
 
+# The sweep holds several float64 copies of a model and their gradients: past this many
+# parameters (regnet_y_128gf's 644M) that exceeds a 24 GB machine, so such rows say "not run".
+MAX_PARAMETERS = 200_000_000
+
+
+def _meta_build(model_name: str) -> nn.Module:
+    """The model without memory for its weights, where its builder allows that."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.device("meta"):
+                return build(model_name)
+        except NotImplementedError:
+            return build(model_name)
+
+
+def parameter_count(model_name: str) -> int:
+    return sum(p.numel() for p in _meta_build(model_name).parameters())
+
+
 def _sweep_with_sizes(model_name: str, image_size: int, batch: int, seed: int) -> dict:
     """sweep() at image_size, or at the first of the model's own input sizes it runs at."""
+    parameters = parameter_count(model_name)
+    if parameters > MAX_PARAMETERS:
+        return dict(model=model_name, image_size=image_size,
+                    error=f"not run: {parameters / 1e6:.0f}M parameters, over the sweep's "
+                          f"{MAX_PARAMETERS / 1e6:.0f}M (its float64 copies would not fit in "
+                          f"memory)")
     for size in [image_size, *(s for s in _native_sizes(model_name) if s > image_size)]:
         try:
             return sweep(model_name, size, batch, seed)
@@ -457,7 +477,7 @@ def _main_table(args) -> int:
 def _main_all(args) -> int:
     """The sweep: rows go to <out>.partial as they come, which replaces out at the end."""
     from tqdm import tqdm
-    ops.INTERPRETING = False  # PyTorch's reference path: the sweep checks the rewrite
+    dispatch.INTERPRETING = False  # PyTorch's reference path: the sweep checks the rewrite
     names = args.models.split(",") if args.models else all_models()
     out = args.out or SWEEP_OUT
     partial = out.with_suffix(out.suffix + ".partial")

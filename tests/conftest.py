@@ -12,7 +12,7 @@ if not ON_GPU:
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tritonbn import ops, reference  # noqa: E402
+from tritonbn import dispatch, reference  # noqa: E402
 from tritonbn.activations import (SUPPORTED_ACTIVATIONS, activation_spec,  # noqa: E402
                                   eager_activation)
 
@@ -73,7 +73,7 @@ def eager_act(activation, activation_kwargs=None):
 def backend(request, monkeypatch):
     """Runs a test against the Triton kernels (interpreter or GPU) and against reference.py."""
     if request.param == "reference":
-        monkeypatch.setattr(ops, "backend", lambda x: reference)
+        monkeypatch.setattr(dispatch, "backend", lambda x: reference)
     return request.param
 
 

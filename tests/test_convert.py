@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import DEVICE
-from tritonbn import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, ops
+from tritonbn import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, dispatch
 from tritonbn.convert import FusedPair, call_with_residual, fuse_bn_act
 
 # BatchNorm's backward subtracts two per-channel means from the incoming gradient: the last
@@ -617,7 +617,7 @@ def reference_backend(monkeypatch):
     """CPU tensors take PyTorch's reference path instead of the interpreter: the tests that
     use it check the graph rewrite, which the kernels do not change."""
     if DEVICE.type == "cpu":
-        monkeypatch.setattr(ops, "INTERPRETING", False)
+        monkeypatch.setattr(dispatch, "INTERPRETING", False)
 
 
 def assert_same_in_both_modes(model: nn.Module, make_inputs, converted_in=(True, False)):

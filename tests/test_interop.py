@@ -147,7 +147,7 @@ def test_fx_symbolic_trace_runs_the_kernels_in_the_current_mode(training):
     x = make_input((2, 3, 5, 5))
     outputs = []
     launches = launch.launches_in(lambda: outputs.append(traced(x)))
-    assert launches > 0 or not tritonbn.ops.runs_triton(x)
+    assert launches > 0 or not tritonbn.dispatch.runs_triton(x)
     torch.testing.assert_close(outputs[0], reference(x))
     assert_same_state(traced.bn1, reference.bn1)
 
@@ -290,7 +290,7 @@ def test_create_feature_extractor_on_fused_resnet18(fused_resnet18, monkeypatch)
     one call with no tracer arguments. The layers run the reference launchers: twenty layers in
     the interpreter take minutes, and the same call reaches them."""
     from torchvision.models.feature_extraction import create_feature_extractor
-    monkeypatch.setattr(tritonbn.ops, "backend", lambda x: reference)
+    monkeypatch.setattr(tritonbn.dispatch, "backend", lambda x: reference)
     model, fused = fused_resnet18
     # The same features by the two graphs' node names: a block's first activation, a block's
     # output (its residual add and activation), the logits.

@@ -75,23 +75,24 @@ def proving(direct, monkeypatch):
 
 
 def bind(grid=(3, 2), block=64):
-    return lambda: Launch(grid, (100,), {"BLOCK": block, "ACC": "fp32", "num_warps": 4})
+    return lambda: Launch(grid, {"n": 100, "BLOCK": block, "ACC": "fp32", "num_warps": 4})
 
 
 def test_cached_launch_hands_the_launcher_every_argument(direct, monkeypatch):
     jit_fn = _JitFunction()
     kernel = CachedLaunch(jit_fn)
     x = torch.randn(64)
-    kernel.launch("a", (x,), (1e-5,), bind())
+    kernel.launch("a", bind(), x_ptr=x, eps=1e-5)
     assert len(jit_fn.compiled) == 1 and not jit_fn.kernel.launches  # Triton launched it
-    assert jit_fn.compiled[0] == ((3, 2), (x, 100, 1e-5),
-                                  {"BLOCK": 64, "ACC": "fp32", "num_warps": 4})
-    kernel.launch("a", (x,), (2e-5,), bind())  # another float: cached
-    kernel.launch("b", (x,), (2e-5,), bind(grid=(5,)))
-    kernel.launch("b", (x,), (2e-5,), bind(grid=(5,)))
+    assert jit_fn.compiled[0] == ((3, 2), (), {"x_ptr": x, "eps": 1e-5, "n": 100, "BLOCK": 64,
+                                               "ACC": "fp32", "num_warps": 4})
+    kernel.launch("a", bind(), x_ptr=x, eps=2e-5)  # another float: cached
+    kernel.launch("b", bind(grid=(5,)), x_ptr=x, eps=2e-5)
+    kernel.launch("b", bind(grid=(5,)), x_ptr=x, eps=2e-5)
     assert len(jit_fn.compiled) == 2
     first, second = jit_fn.kernel.launches
-    # grid padded to 3-D, stream, function, metadata, no hooks, then every parameter in order
+    # grid padded to 3-D, stream, function, metadata, no hooks, then every parameter in the
+    # kernel's order, wherever the call and bind() named it
     assert first == (3, 2, 1, 1234, "function", "packed", None, None, None,
                      x, 100, 2e-5, 64, "fp32")
     assert second[:3] == (5, 1, 1)
@@ -99,7 +100,7 @@ def test_cached_launch_hands_the_launcher_every_argument(direct, monkeypatch):
     hook = SimpleNamespace(calls=[print])
     runtime = SimpleNamespace(launch_enter_hook=hook, launch_exit_hook=None)
     monkeypatch.setattr(launch, "knobs", SimpleNamespace(runtime=runtime))
-    kernel.launch("a", (x,), (2e-5,), bind())
+    kernel.launch("a", bind(), x_ptr=x, eps=2e-5)
     assert jit_fn.kernel.launches[-1][6:9] == ("metadata", hook, None)
 
 
@@ -107,11 +108,23 @@ def test_misaligned_tensors_take_tritons_path(direct):
     jit_fn = _JitFunction()
     kernel = CachedLaunch(jit_fn)
     x = torch.randn(64)
-    kernel.launch("a", (x[1:],), (1e-5,), bind())  # not 16-byte aligned: nothing cached
-    kernel.launch("a", (x,), (1e-5,), bind())
-    kernel.launch("a", (x[1:],), (1e-5,), bind())  # cached for aligned tensors only
-    kernel.launch("a", (x,), (1e-5,), bind())
+    kernel.launch("a", bind(), x_ptr=x[1:], eps=1e-5)  # not 16-byte aligned: nothing cached
+    kernel.launch("a", bind(), x_ptr=x, eps=1e-5)
+    kernel.launch("a", bind(), x_ptr=x[1:], eps=1e-5)  # cached for aligned tensors only
+    kernel.launch("a", bind(), x_ptr=x, eps=1e-5)
     assert len(jit_fn.compiled) == 3 and len(jit_fn.kernel.launches) == 1
+
+
+def test_an_absent_tensor_is_none_in_its_place_and_skips_the_alignment_check(direct):
+    jit_fn = _JitFunction()
+    jit_fn.params = [SimpleNamespace(name=name, is_constexpr=name.isupper())
+                     for name in ("x_ptr", "r_ptr", "n", "eps", "BLOCK", "ACC")]
+    kernel = CachedLaunch(jit_fn)
+    x = torch.randn(64)
+    for _ in range(2):
+        kernel.launch("a", bind(), x_ptr=x, r_ptr=None, eps=0.5)
+    assert jit_fn.compiled[0][2]["r_ptr"] is None
+    assert jit_fn.kernel.launches[0][9:] == (x, None, 100, 0.5, 64, "fp32")
 
 
 def test_bind_runs_only_for_a_new_key(direct):
@@ -124,16 +137,17 @@ def test_bind_runs_only_for_a_new_key(direct):
         return bind()()
     x = torch.randn(64)
     for _ in range(3):
-        kernel.launch("a", (x,), (1e-5,), counted)
+        kernel.launch("a", counted, x_ptr=x, eps=1e-5)
     assert len(calls) == 1
 
 
-def _specialisation(args, kwargs):
-    """What Triton specialises a launch on: each tensor's dtype, each int's value (finer than
-    Triton's width, divisibility by 16 and equality to 1), each float's type, the keywords."""
-    return (tuple(arg.dtype if isinstance(arg, torch.Tensor) else
-                  arg if isinstance(arg, int) else type(arg) for arg in args),
-            tuple(sorted(kwargs.items())))
+def _specialisation(arguments):
+    """What Triton specialises a launch on: each tensor's dtype or absence, each int's value
+    (finer than Triton's width, divisibility by 16 and equality to 1), each float's type, each
+    constexpr's value."""
+    return tuple(sorted((name, value.dtype if isinstance(value, torch.Tensor) else
+                         type(value) if isinstance(value, float) else value)
+                        for name, value in arguments.items()))
 
 
 def test_launcher_keys_separate_what_triton_specialises_on(monkeypatch):
@@ -143,9 +157,8 @@ def test_launcher_keys_separate_what_triton_specialises_on(monkeypatch):
     all this checks, and leaving the interpreter out lets it cover every flag."""
     seen = {}
 
-    def recording(self, cache_key, tensors, floats, bind):
-        bound = bind()
-        spec = _specialisation(tensors + bound.ints + floats, bound.constexprs)
+    def recording(self, cache_key, bind, **arguments):
+        spec = _specialisation({**arguments, **bind().constants})
         assert seen.setdefault((self.jit_fn, cache_key), spec) == spec
 
     monkeypatch.setattr(CachedLaunch, "launch", recording)
@@ -192,12 +205,13 @@ def test_a_bad_switch_value_is_an_error():
 def _fresh_launch_module(monkeypatch, triton_version, setting=None):
     """launch.py imported anew, as on a GPU machine with this Triton version and switch."""
     monkeypatch.setattr(triton, "__version__", triton_version)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(tritonbn.kernels, "INTERPRETING", False)
     if setting is None:
         monkeypatch.delenv("TRITONBN_DIRECT_LAUNCH", raising=False)
     else:
         monkeypatch.setenv("TRITONBN_DIRECT_LAUNCH", setting)
-    spec = importlib.util.spec_from_file_location("fresh_launch", launch.__file__)
+    spec = importlib.util.spec_from_file_location("tritonbn.kernels.fresh_launch",
+                                                  launch.__file__)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -217,7 +231,7 @@ def test_the_switch_and_the_version_decide_at_import(monkeypatch, triton_version
     jit_fn = _JitFunction()
     kernel = fresh.CachedLaunch(jit_fn)
     for _ in range(3):
-        kernel.launch("a", (torch.randn(64),), (1e-5,), bind())
+        kernel.launch("a", bind(), x_ptr=torch.randn(64), eps=1e-5)
     assert len(jit_fn.compiled) == through_triton
     assert len(jit_fn.kernel.launches) == direct
 
@@ -226,7 +240,7 @@ def _launch_recording_warnings(kernel, calls, x):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(calls):
-            kernel.launch("a", (x,), (1e-5,), bind())
+            kernel.launch("a", bind(), x_ptr=x, eps=1e-5)
     return [w for w in caught if issubclass(w.category, DirectLaunchFallbackWarning)]
 
 
@@ -281,7 +295,8 @@ class _AccumulatingJit(_JitFunction):
               for name in ("x_ptr", "out_ptr", "n", "eps", "BLOCK", "ACC")]
 
     def __getitem__(self, grid):
-        def compile_and_launch(x, out, n, eps, **kwargs):
+        def compile_and_launch(*, x_ptr, out_ptr, n, eps, **constexprs):
+            x, out = x_ptr, out_ptr
             self.compiled.append((x, out))
             out.add_(2 * x + n + eps)
             return self.kernel
@@ -292,7 +307,7 @@ def _accumulate(kernel, x, out, calls):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(calls):
-            kernel.launch("a", (x, out), (0.5,), bind())
+            kernel.launch("a", bind(), x_ptr=x, out_ptr=out, eps=0.5)
     return [w for w in caught if issubclass(w.category, DirectLaunchFallbackWarning)]
 
 
@@ -336,7 +351,8 @@ def test_a_proof_waits_for_a_call_small_enough_to_copy(proving, monkeypatch):
     _accumulate(kernel, x, out, 3)
     assert len(jit_fn.compiled) == 3 and not jit_fn.kernel.launches and kernel.proven == 0
     monkeypatch.setattr(launch, "PROOF_MAX_BYTES", 2 * 64 * 4)
-    assert CachedLaunch._provable((x, out, x))  # a tensor passed twice is copied once
+    # A tensor passed twice is copied once.
+    assert CachedLaunch._provable(dict(x_ptr=x, out_ptr=out, again_ptr=x))
     _accumulate(kernel, x, out, 2)
     assert kernel.proven == 1 and len(jit_fn.kernel.launches) == 2
     torch.testing.assert_close(out, 5 * (2 * x + 100 + 0.5))
@@ -348,7 +364,7 @@ def test_a_proof_that_runs_out_of_memory_waits_for_another_call(proving, monkeyp
     x, out = torch.randn(64), torch.zeros(64)
     copies = launch._copies
 
-    def out_of_memory(tensors):
+    def out_of_memory(arguments):
         raise torch.OutOfMemoryError("CUDA out of memory")
     monkeypatch.setattr(launch, "_copies", out_of_memory)
     assert not _accumulate(kernel, x, out, 3)
@@ -362,7 +378,9 @@ def test_a_proof_that_runs_out_of_memory_waits_for_another_call(proving, monkeyp
 def test_copies_alias_as_the_originals_and_compare_bit_for_bit():
     x = torch.randn(4, 6).t()  # not contiguous: copies keep the strides
     x[0, 0] = float("nan")
-    a, b, c = launch._copies((x, x, torch.zeros(3)))
+    copies = launch._copies(dict(a=x, b=x, c=torch.zeros(3), eps=0.5, r=None))
+    assert copies["eps"] == 0.5 and copies["r"] is None
+    a, b, c = copies["a"], copies["b"], copies["c"]
     assert a is b and a.stride() == x.stride() and a.data_ptr() != x.data_ptr()
     assert launch._same_bits(a, x)  # NaN in the same place
     a[1, 1] = -0.0 if x[1, 1] == 0 else 0.0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tritonbn
-from tritonbn.layout import strides_ncs
+from tritonbn.kernels.layout import strides_ncs
 from tritonbn.kernels import merge, tiling
 from tritonbn.kernels.launch import launches_in
 from conftest import (DEVICE, float64_bn_act, gpu_only, make_input, make_params, max_err,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import tritonbn
-from tritonbn import kernels, ops, reference
+from tritonbn import dispatch, kernels, ops, reference
 from tritonbn.activations import activation_spec
 from conftest import DEVICE, ON_GPU, make_input, make_params
 
@@ -115,7 +115,7 @@ def test_triton_kernels_run_under_the_interpreter(monkeypatch):
     for name in ("batch_stats", "normalize_act", "normalize_act_backward"):
         monkeypatch.setattr(reference, name, forbidden)
         monkeypatch.setattr(kernels, name, counted(getattr(kernels, name)))
-    assert ops.INTERPRETING and ops.runs_triton(torch.empty(1))
+    assert dispatch.INTERPRETING and dispatch.runs_triton(torch.empty(1))
     assert isinstance(kernels.forward._normalize_kernel.jit_fn, interpreter.InterpretedFunction)
     m = tritonbn.BatchNormAct2d(3)
     x = make_input((2, 3, 4, 4), requires_grad=True)
@@ -129,8 +129,8 @@ def test_cpu_without_interpreter_runs_the_reference():
     """Eager calls run PyTorch's native ops (the same bits as nn.BatchNorm1d + ReLU, no
     reference launcher called); torch.compile runs the registered ops, on the reference."""
     script = ("import torch, tritonbn\n"
-              "from tritonbn import ops, reference\n"
-              "assert not ops.INTERPRETING and not ops.runs_triton(torch.empty(1))\n"
+              "from tritonbn import dispatch, reference\n"
+              "assert not dispatch.INTERPRETING and not dispatch.runs_triton(torch.empty(1))\n"
               "m, ref = tritonbn.BatchNormAct1d(3), torch.nn.BatchNorm1d(3)\n"
               "x = torch.randn(8, 3, 5, requires_grad=True)\n"
               "launchers = reference.batch_stats, reference.normalize_act\n"

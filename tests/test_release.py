@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import tritonbn
-from tritonbn import environment, ops, reference
+from tritonbn import dispatch, environment, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -62,7 +62,7 @@ def test_license():
 def test_readme_cpu_example_runs(capsys, monkeypatch):
     """The first example under "## Use", as printed, on a CPU without TRITON_INTERPRET (the
     interpreter takes seconds on it)."""
-    monkeypatch.setattr(ops, "backend", lambda x: reference)
+    monkeypatch.setattr(dispatch, "backend", lambda x: reference)
     use = README[README.index("\n## Use\n"):]
     example = re.search(r"```python\n(.*?)```", use, re.S).group(1)
     assert "cuda" not in example

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tritonbn
-from tritonbn import environment, ops, reference, selfcheck
+from tritonbn import dispatch, environment, reference, selfcheck
 from conftest import ON_GPU
 
 
@@ -49,8 +49,8 @@ def test_a_wrong_result_fails_its_case(monkeypatch):
 
 def test_backend_for_names_the_path(monkeypatch):
     x = torch.randn(2, 3)
-    assert tritonbn.backend_for(x) == ("interpreter" if ops.INTERPRETING else "reference")
-    monkeypatch.setattr(ops, "backend", lambda t: reference)
+    assert tritonbn.backend_for(x) == ("interpreter" if dispatch.INTERPRETING else "reference")
+    monkeypatch.setattr(dispatch, "backend", lambda t: reference)
     assert tritonbn.backend_for(x) == "reference"
     _, text = run_check(device="cpu")
     assert "cpu tensors run on: reference" in text

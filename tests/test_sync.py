@@ -45,7 +45,7 @@ def test_combined_statistics_at_large_mean(dtype):
     std = 0.5 + torch.rand(C, 1, dtype=torch.float64)
     xs = [(torch.randn(n, C, 4, dtype=torch.float64) * std + 1e4 + 3 * r).to(DEVICE, dtype)
           for r, n in enumerate(sizes)]
-    backend = tritonbn.ops.backend(xs[0])
+    backend = tritonbn.dispatch.backend(xs[0])
     blocks = torch.stack([
         rank_stats(*backend.batch_stats(x, None, None, 0.1), x.numel() // C) if x.numel()
         else torch.zeros(4, C, dtype=torch.float64, device=DEVICE) for x in xs])

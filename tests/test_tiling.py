@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tritonbn
-from tritonbn.layout import strides_ncs
+from tritonbn.kernels.layout import strides_ncs
 from tritonbn.kernels import tiling
 from conftest import float64_bn_act, make_input, make_params, max_err
 

@@ -8,8 +8,11 @@ import sys
 sys.modules["triton"] = None  # hidden: `import triton` now raises ImportError
 import torch
 import tritonbn
-from tritonbn import ops
-assert not ops.HAS_TRITON and "tritonbn.kernels" not in sys.modules
+from tritonbn import dispatch
+# Only the Triton-free modules of the kernels' package are imported.
+assert not dispatch.HAS_TRITON
+assert {name for name in sys.modules if name.startswith("tritonbn.kernels.")} == {
+    "tritonbn.kernels.activation_codes", "tritonbn.kernels.dtypes", "tritonbn.kernels.layout"}
 torch.manual_seed(0)
 ours = tritonbn.BatchNormAct2d(3, activation="silu")
 theirs = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.SiLU())
@@ -22,9 +25,9 @@ expected = torch.autograd.grad(y_ref, (x, theirs[0].weight, theirs[0].bias), dy)
 for g, e in zip(got, expected):
     torch.testing.assert_close(g, e)
 torch.testing.assert_close(ours.running_var, theirs[0].running_var)
-ops.runs_triton = lambda x: True  # as for a CUDA tensor, which this machine may not have
+dispatch.runs_triton = lambda x: True  # as for a CUDA tensor, which this machine may not have
 try:
-    ops.backend(x)
+    dispatch.backend(x)
 except RuntimeError as error:
     assert "pip install triton" in str(error), error
 else:

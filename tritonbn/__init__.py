@@ -3,7 +3,7 @@ from . import ops  # registers the tritonbn:: ops
 from ._version import __version__
 from .activations import SUPPORTED_ACTIVATIONS
 from .convert import fuse_bn_act
-from .dtypes import SUPPORTED_DTYPES
+from .kernels.dtypes import SUPPORTED_DTYPES
 from .environment import backend_for
 from .functional import bn_act
 from .modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d

@@ -3,29 +3,19 @@
 Names and keyword arguments are torch.nn.functional's, with PyTorch's defaults. The kernels
 receive an activation as two numbers, its code and one float parameter (negative_slope for
 leaky_relu, alpha for elu, 0 otherwise); gelu's ``approximate`` picks between two codes.
-This module needs no Triton, so the reference path can use it on machines without Triton.
+The codes live with the kernels (kernels/activation_codes.py), which import nothing from here;
+like that module, this one needs no Triton, so the reference path runs without it.
 """
 import functools
-from types import MappingProxyType
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IDENTITY = 0
-RELU = 1
-SIGMOID = 2
-RELU6 = 3
-LEAKY_RELU = 4
-ELU = 5
-SILU = 6
-HARDSWISH = 7
-HARDSIGMOID = 8
-GELU = 9
-GELU_TANH = 10
-MISH = 11
-TANH = 12
+from .kernels.activation_codes import (ELU, GELU, GELU_TANH, HARDSIGMOID, HARDSWISH, IDENTITY,
+                                        LEAKY_RELU, MISH, RELU, RELU6, SIGMOID, SILU, TANH)
+
 
 # name -> (code, {keyword: default}); the float parameter is the only keyword's value.
 _TABLE = {
@@ -147,5 +137,3 @@ def eager_activation_grad(spec: ActivationSpec):
         TANH: lambda dy, z: aten.tanh_backward(dy, torch.tanh(z)),
     }[code]
 
-
-CODES = MappingProxyType({name: code for name, (code, _) in _TABLE.items()})

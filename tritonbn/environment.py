@@ -7,7 +7,7 @@ import re
 import torch
 from torch import Tensor
 
-from . import ops, reference
+from . import dispatch, reference
 from ._version import __version__
 
 # The oldest versions supported; pyproject.toml's requirements and README.md state the same
@@ -21,7 +21,7 @@ def backend_for(x: Tensor) -> str:
     before triton was imported) or "reference" (no Triton: PyTorch's native ops in eager calls,
     tritonbn/reference.py inside the registered ops under torch.compile). Raises as a call
     would where the kernels are needed and Triton is missing."""
-    if ops.backend(x) is reference:
+    if dispatch.backend(x) is reference:
         return "reference"
     return "interpreter" if x.device.type == "cpu" else "kernels"
 
@@ -35,7 +35,7 @@ def versions() -> dict:
     """name -> installed version (None where Triton is not installed)."""
     found = {"python": platform.python_version(), "torch": torch.__version__,
              "triton": None, "tritonbn": __version__}
-    if ops.HAS_TRITON:
+    if dispatch.HAS_TRITON:
         import triton
         found["triton"] = triton.__version__
     return found
@@ -51,7 +51,7 @@ def unsupported_versions() -> list[str]:
 
 def direct_launch_state() -> str:
     """Whether compiled kernels are launched directly (kernels/launch.py), and why."""
-    if not ops.HAS_TRITON:
+    if not dispatch.HAS_TRITON:
         return "no Triton installed"
     from .kernels import launch
     return launch.direct_launch_state()

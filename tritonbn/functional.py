@@ -15,9 +15,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import composite, ops
+from . import composite, dispatch, ops
+from .eager import EagerBatchNormAct
 from .activations import ActivationSpec, activation_spec
-from .dtypes import SUPPORTED_DTYPES
+from .kernels.dtypes import SUPPORTED_DTYPES
 
 # torch.jit.trace warns that the checks' comparisons of sizes become constants: for checks that
 # passed, that is what they are.
@@ -97,11 +98,11 @@ def forward_checked(input: Tensor, running_mean: Optional[Tensor], running_var: 
                                         num_batches_tracked, momentum)
         return ops.normalize_act(input, mean, var, weight, bias, residual, eps, training, code,
                                  param)
-    if (not ops.runs_triton(input) or torch._C._get_tracing_state() is not None
+    if (not dispatch.runs_triton(input) or torch._C._get_tracing_state() is not None
             or torch._C._are_functorch_transforms_active()):
         return composite.bn_act(input, running_mean, running_var, weight, bias, training,
                                 momentum, eps, code, param, num_batches_tracked, residual)
-    return ops.EagerBatchNormAct.apply(input, weight, bias, residual, (
+    return EagerBatchNormAct.apply(input, weight, bias, residual, (
         running_mean, running_var, num_batches_tracked, training, momentum, eps, code, param))
 
 

@@ -14,79 +14,24 @@ functional ops. Once a graph is exported, ``normalize_act`` also has a Composite
 decomposition into PyTorch ops (tritonbn.composite), which only export's decompositions take:
 ``ep.run_decompositions()`` gives core ATen, and the ONNX exporter translates that;
 torch.compile and plain torch.export keep the op (register_export_decomposition).
-torch.compile traces these ops; eager calls take EagerBatchNormAct below, the
-same launchers without the dispatcher's per-call cost. Where the kernels are compiled for a GPU
-the ops are ``torch.library.triton_op``s: torch.compile traces into them, and Inductor launches
-the kernels from its own code, without a dispatch per op. Under Triton's interpreter (tracing a
-triton_op compiles its kernels for a GPU), without Triton, or with ``TRITONBN_TRITON_OP=0``,
-they are ``custom_op``s, which torch.compile calls as opaque functions. Both run the same
-bodies. CUDA tensors run the Triton kernels.
-CPU tensors run the same kernels through Triton's interpreter when TRITON_INTERPRET=1 was set
-before triton was imported, and the PyTorch reference otherwise (also where Triton is not
-installed); eager calls on such CPU tensors do not come here but take PyTorch's native ops
-(tritonbn.composite). Tensors whose spatial dims do not collapse into one stride
-(``tritonbn.layout.strides_ncs``) are copied to contiguous first; every layout PyTorch names
-collapses.
+torch.compile traces these ops; eager calls take tritonbn.eager, the same launchers without the
+dispatcher's per-call cost. Where the kernels are compiled for a GPU the ops are
+``torch.library.triton_op``s: torch.compile traces into them, and Inductor launches the kernels
+from its own code, without a dispatch per op. Under Triton's interpreter (tracing a triton_op
+compiles its kernels for a GPU), without Triton, or with ``TRITONBN_TRITON_OP=0``, they are
+``custom_op``s, which torch.compile calls as opaque functions. Both run the same bodies, which
+tritonbn.dispatch sends to the kernels or the reference.
 """
 import functools
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import composite, reference
-from .dtypes import accumulate_dtype
-from .layout import strides_ncs
-
-# Triton is optional where it has no wheel: CPU tensors then take the reference path.
-try:
-    import triton  # noqa: F401
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-if HAS_TRITON:
-    from . import kernels
-    from .kernels.launch import traced_launches
-# Triton decides when it is imported whether its kernels are interpreted.
-INTERPRETING = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
-TRITON_OPS = (HAS_TRITON and not INTERPRETING
-              and os.environ.get("TRITONBN_TRITON_OP", "1") != "0")
-
-
-def runs_triton(x: Tensor) -> bool:
-    return x.is_cuda or (INTERPRETING and x.is_cpu)
-
-
-def backend(x: Tensor):
-    """The module whose launchers run x: tritonbn.kernels or tritonbn.reference."""
-    if not runs_triton(x):
-        return reference
-    if not HAS_TRITON:
-        raise RuntimeError("tritonbn runs CUDA tensors with Triton kernels, and the triton "
-                           "package is not installed: pip install triton")
-    return kernels
-
-
-def walkable(t: Optional[Tensor]) -> Optional[Tensor]:
-    return t if t is None or strides_ncs(t) is not None else t.contiguous()
-
-
-def run_batch_stats(x, running_mean, running_var, momentum, num_batches_tracked=None):
-    return backend(x).batch_stats(walkable(x), running_mean, running_var, momentum,
-                                  num_batches_tracked)
-
-
-def run_normalize_act(x, mean, var, weight, bias, residual, eps, activation, activation_param):
-    return backend(x).normalize_act(walkable(x), mean, var, weight, bias, walkable(residual),
-                                    eps, activation, activation_param)
-
-
-def run_normalize_act_backward(dy, x, mean, var, weight, bias, residual, eps, training,
-                               activation, activation_param):
-    return backend(x).normalize_act_backward(walkable(dy), walkable(x), mean, var, weight,
-                                             bias, walkable(residual), eps, training,
-                                             activation, activation_param)
+from . import composite
+from .dispatch import (TRITON_OPS, run_batch_stats, run_normalize_act,
+                       run_normalize_act_backward, walkable)
+from .kernels.dtypes import accumulate_dtype
 
 
 def _register(name: str, mutates_args=()):
@@ -94,11 +39,12 @@ def _register(name: str, mutates_args=()):
     TRITON_OPS; custom_op otherwise."""
     if not TRITON_OPS:
         return torch.library.custom_op(name, mutates_args=mutates_args)
+    from .kernels import backward, forward, launch  # noqa: F401  (their kernels: LAUNCHERS)
 
     def register(fn):
         @functools.wraps(fn)  # the schema is read from fn's signature
         def body(*args, **kwargs):
-            with traced_launches():
+            with launch.traced_launches():
                 return fn(*args, **kwargs)
         op = torch.library.triton_op(name, body, mutates_args=mutates_args)
         # torch.compile's caches key a graph on the source of the kernels its triton_ops
@@ -106,7 +52,7 @@ def _register(name: str, mutates_args=()):
         # an edited or upgraded kernel would be served from a stale cache.
         listed = getattr(torch._library.triton, "triton_ops_to_kernels", None)
         if listed is not None:
-            listed[name] = [launcher.jit_fn for launcher in kernels.launch.LAUNCHERS]
+            listed[name] = [launcher.jit_fn for launcher in launch.LAUNCHERS]
         return op
     return register
 
@@ -221,51 +167,3 @@ def _decomposed_normalize_act(x, mean, var, weight, bias, residual, eps, trainin
         mean = mean[0] + mean[1]
     return composite.bn_act(x, mean, var, weight, bias, False, 0.0, eps, activation,
                             activation_param, residual=residual)
-
-
-class EagerBatchNormAct(torch.autograd.Function):
-    """batch_stats then normalize_act for eager mode, in one autograd node: the same launchers
-    and autograd formula as the registered ops, minus torch.library's dispatch, whose per-call
-    host cost (tens of microseconds per op) exceeds the kernels' own time on small tensors.
-
-    apply(x, weight, bias, residual, state), state = (running_mean, running_var,
-    num_batches_tracked, training, momentum, eps, activation, activation_param): none of it
-    differentiable, and one argument rather than eight because Function.apply's cost grows
-    with its argument count.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, state):
-        (running_mean, running_var, num_batches_tracked, training, momentum, eps, activation,
-         activation_param) = state
-        launchers, walked_x, walked_residual = backend(x), walkable(x), walkable(residual)
-        mean, var = running_mean, running_var
-        if training:
-            mean, var = launchers.batch_stats(walked_x, running_mean, running_var, momentum,
-                                              num_batches_tracked)
-        # x and residual as given: a double backward differentiates through them.
-        _setup_context(ctx, (x, mean, var, weight, bias, residual, eps, training, activation,
-                             activation_param), None)
-        return launchers.normalize_act(walked_x, mean, var, weight, bias, walked_residual, eps,
-                                       activation, activation_param)
-
-    @staticmethod
-    def backward(ctx, dy):
-        if torch.is_grad_enabled():  # create_graph=True
-            return _differentiable_backward(ctx, dy)
-        return _gradients(ctx, dy, run_normalize_act_backward) + (None,)
-
-
-def _differentiable_backward(ctx, dy):
-    """The gradients as a graph a further backward can differentiate: the kernels have no
-    backward of their own, so the forward is recomputed on the composite path (from the saved
-    statistics in eval, from x again in training) and differentiated with create_graph."""
-    x, mean, var, weight, bias, residual = ctx.saved_tensors
-    inputs = (x, weight, bias, residual)
-    wanted = [t for t, needed in zip(inputs, ctx.needs_input_grad) if needed]
-    stats = (None, None) if ctx.training else (mean, var)
-    y = composite.bn_act(x, *stats, weight, bias, ctx.training, 0.0, ctx.eps, ctx.activation,
-                         ctx.activation_param, residual=residual)
-    grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
-    return tuple(next(grads) if needed else None
-                 for needed in ctx.needs_input_grad[:4]) + (None,)

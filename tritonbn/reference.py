@@ -8,7 +8,7 @@ gradient are eager PyTorch's own, applied to z rounded to x's dtype as eager Bat
 import torch
 
 from .activations import ActivationSpec, eager_activation, eager_activation_grad
-from .dtypes import accumulate_dtype
+from .kernels.dtypes import accumulate_dtype
 
 
 def _per_channel(t: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -26,10 +26,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .dtypes import accumulate_dtype
+from .kernels.dtypes import accumulate_dtype
 from .modules import (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _BatchNormActMixin,
                       check_layer_inputs)
-from .ops import backend, walkable
+from . import dispatch
+from .dispatch import walkable
 
 
 def rank_stats(mean: Tensor, var: Tensor, count: int) -> Tensor:
@@ -95,7 +96,7 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, state):
         (running_mean, running_var, num_batches_tracked, momentum, eps, activation,
          activation_param, group, world) = state
-        launchers = backend(x)
+        launchers = dispatch.backend(x)
         C, count = x.shape[1], x.numel() // x.shape[1]
         if count:
             x, residual = walkable(x), walkable(residual)
@@ -120,7 +121,7 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, residual, mean, var, total = ctx.saved_tensors
         eps, activation, activation_param, group = ctx.state
-        launchers = backend(x)
+        launchers = dispatch.backend(x)
         if x.numel():
             dy = walkable(dy)
             sums, dresidual = launchers.grad_reduce(dy, x, mean, var, weight, bias, residual,

@@ -1,7 +1,8 @@
-"""How tritonbn views an (N, C, *spatial) tensor: as (N, C, S) with one stride per axis.
+"""How the kernels view an (N, C, *spatial) tensor: as (N, C, S) with one stride per axis.
 
 Contiguous, channels_last and channels_last_3d tensors all collapse so; a tensor whose spatial
-dims do not is copied to contiguous before any kernel sees it. No Triton needed here.
+dims do not is copied to contiguous before any kernel sees it (tritonbn.dispatch). Imports no
+Triton.
 """
 import functools
 

@@ -1,4 +1,4 @@
-"""The dtypes tritonbn computes in, shared by the kernels and the reference path."""
+"""The dtypes the kernels compute in, shared with the reference path. Imports no Triton."""
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
