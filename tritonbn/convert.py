@@ -326,16 +326,68 @@ class _Route:
 
 
 def fuse_bn_act(model: nn.Module) -> nn.Module:
-    """A copy of model with every qualifying BatchNorm1d/2d/3d and the activation and residual
-    add after it run as one BatchNormAct1d/2d/3d (see the module docstring for what qualifies).
+    """Fuse each BatchNorm of a model with the activation and residual add that follow it.
 
-    Returns a ``torch.fx.GraphModule`` with the model's state_dict keys, train/eval modes,
-    devices and dtypes, or, when the model's own forward cannot be traced, a copy of the model
-    itself fused inside its submodules. Its attribute ``fused_pairs`` lists what was fused, as
-    ``FusedPair`` tuples, ``left_alone`` maps the path of every other BatchNorm module to the
-    reason it was not converted, and ``leaves`` maps the path of every module kept as an
-    opaque call (the model's own is "") to the reason, with the line of code that stopped the
-    trace. Each pair is also logged at INFO level, each BatchNorm left alone at DEBUG level.
+    Returns a copy of ``model`` in which every qualifying nn.BatchNorm1d/2d/3d (and
+    nn.SyncBatchNorm, and timm's BatchNormAct2d) runs, together with the activation and the
+    residual add after it, as one ``BatchNormAct1d/2d/3d`` (``SyncBatchNormAct``) call::
+
+        act(bn(x) + residual)  ->  fused_bn(x, residual)
+
+    The module docstring of ``tritonbn.convert`` says what qualifies. ``model`` itself is never
+    modified. The fused layers share nothing with it: the copy's parameters, buffers and
+    submodules are a deep copy, at the same paths and in the same order, so ``state_dict()``
+    keys are exactly the original's and checkpoints load either way.
+
+    Args:
+        model: the model to convert, traced with torch.fx; a submodule whose forward cannot be
+            traced, or reads what a trace would freeze (its ``training`` flag, say), stays a
+            call of its own forward (a leaf), and its children are converted in turn.
+
+    Returns:
+        A ``torch.fx.GraphModule`` with the model's state_dict keys, train/eval modes,
+        devices and dtypes, or, when the model's own forward cannot be traced, a copy of the
+        model itself fused inside its submodules. Its attribute ``fused_pairs`` lists what was
+        fused, as ``FusedPair`` tuples, ``left_alone`` maps the path of every other BatchNorm
+        module to the reason it was not converted, and ``leaves`` maps the path of every
+        module kept as an opaque call (the model's own is "") to the reason, with the line of
+        code that stopped the trace. Each pair is also logged at INFO level, each BatchNorm
+        left alone at DEBUG level, and a warning says how many leaves there are, if any.
+
+    Examples::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> import tritonbn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+        ...                       nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)).eval()
+        >>> fused = tritonbn.fuse_bn_act(model)
+        >>> fused.fused_pairs
+        (FusedPair(bn='1', activation='2', residual=None),)
+        >>> fused.left_alone, fused.leaves
+        ({'4': 'it is an output of the model'}, {})
+        >>> type(fused.get_submodule("1")).__name__
+        'BatchNormAct2d'
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> torch.allclose(fused(x), model(x), atol=1e-6)
+        True
+        >>> list(fused.state_dict()) == list(model.state_dict())
+        True
+        >>> # A residual block: relu(bn(conv(x)) + x) runs as one call, bn(conv(x), x)
+        >>> class Block(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        ...     def forward(self, x):
+        ...         return torch.relu(self.bn(self.conv(x)) + x)
+        >>> block = Block().eval()
+        >>> fused = tritonbn.fuse_bn_act(block)
+        >>> fused.fused_pairs
+        (FusedPair(bn='bn', activation='torch.relu', residual='x'),)
+        >>> x = torch.randn(2, 4, 5, 5)
+        >>> torch.allclose(fused(x), block(x), atol=1e-6)
+        True
     """
     root = _copy(model)
     report = _Report()

@@ -111,12 +111,82 @@ def bn_act(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[
            training: bool = False, momentum: Optional[float] = 0.1, eps: float = 1e-5,
            activation: str = "relu", activation_kwargs: Optional[dict] = None,
            residual: Optional[Tensor] = None) -> Tensor:
-    """activation(F.batch_norm(input, running_mean, running_var, weight, bias, training,
-    momentum, eps) + residual) in one fused op.
+    """Batch normalization, an optional residual add and an activation, as one fused op.
 
-    activation: a name from tritonbn.SUPPORTED_ACTIVATIONS, with activation_kwargs as
-    torch.nn.functional takes them (negative_slope, alpha, approximate). residual: None, or a
-    tensor of input's shape, dtype and device, in any layout.
+    The functional form of ``BatchNormAct1d/2d/3d``: the arguments and checks of
+    ``torch.nn.functional.batch_norm``, then the residual and the activation. It computes::
+
+        y = act((x - mean) / sqrt(var + eps) * weight + bias [+ residual])
+
+    per channel, where ``mean`` and ``var`` are the batch's own statistics over every dimension
+    but the channel one (the biased variance) when ``training=True``, and ``running_mean`` and
+    ``running_var`` when ``training=False``. The result equals
+    ``act(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    + residual)``. Every check runs before anything is computed or updated: a rejected call
+    raises ValueError or TypeError and leaves the running statistics as they were. Gradients
+    flow to input, weight, bias and residual; the running statistics get none.
+
+    Args:
+        input: the tensor to normalize, (N, C) or (N, C, *) with 2 to 5 dims in all, of
+            dtype float16, bfloat16, float32 or float64.
+        running_mean: the per-channel running mean, shape (C,), or ``None``. With
+            ``training=True`` it is updated in place; with ``training=False`` it is what the
+            input is normalized with. ``running_mean`` and ``running_var`` go together: both
+            or neither.
+        running_var: the per-channel running variance, shape (C,), or ``None``; updated in
+            place with the batch's unbiased variance when ``training=True``.
+        weight: the per-channel scale, shape (C,), or ``None`` for no scaling.
+            Default: ``None``
+        bias: the per-channel shift, shape (C,), or ``None`` for no shift. Default: ``None``
+        training: ``True`` normalizes with the batch's statistics (the running ones, if given,
+            are updated); ``False`` normalizes with the running statistics, which must then be
+            given. Default: ``False``
+        momentum: how much of the current batch goes into the running statistics:
+            ``running = (1 - momentum) * running + momentum * batch``. ``None`` leaves them
+            unchanged (there is no batch count here to average over; F.batch_norm rejects
+            ``None``). Default: 0.1
+        eps: added to the variance before its square root, for numerical stability.
+            Default: 1e-5
+        activation: the activation applied last, by name, one of
+            ``tritonbn.SUPPORTED_ACTIVATIONS``. Default: ``"relu"``
+        activation_kwargs: its keyword arguments as torch.nn.functional names them
+            (``negative_slope`` for ``"leaky_relu"``, ``alpha`` for ``"elu"``,
+            ``approximate`` for ``"gelu"``), over PyTorch's defaults; ``None`` keeps the
+            defaults. An unknown activation or keyword raises ValueError. Default: ``None``
+        residual: ``None``, or a tensor of input's shape, dtype and device, in any memory
+            layout (it is not broadcast), added before the activation. Default: ``None``
+
+    Returns:
+        A tensor of the input's shape and dtype.
+
+    Shape:
+        - Input: (N, C) or (N, C, *), 2D to 5D
+        - running_mean, running_var, weight, bias: (C,)
+        - Residual: the input's shape
+        - Output: the input's shape
+
+    Examples::
+
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from tritonbn import bn_act
+        >>> _ = torch.manual_seed(0)
+        >>> x = torch.randn(2, 3, 4, 4)
+        >>> weight, bias = torch.rand(3) + 0.5, torch.randn(3)
+        >>> # Training: the batch's statistics; the running ones are updated in place
+        >>> mean, var = torch.zeros(3), torch.ones(3)
+        >>> y = bn_act(x, mean, var, weight, bias, training=True, activation="gelu")
+        >>> y.shape
+        torch.Size([2, 3, 4, 4])
+        >>> ref_mean, ref_var = torch.zeros(3), torch.ones(3)
+        >>> ref = F.gelu(F.batch_norm(x, ref_mean, ref_var, weight, bias, training=True))
+        >>> torch.allclose(y, ref, atol=1e-6), torch.allclose(var, ref_var)
+        (True, True)
+        >>> # Eval: the running statistics, and a residual added before the ReLU
+        >>> r = torch.randn(2, 3, 4, 4)
+        >>> y = bn_act(x, mean, var, weight, bias, residual=r)
+        >>> torch.allclose(y, F.relu(F.batch_norm(x, mean, var, weight, bias) + r), atol=1e-6)
+        True
     """
     spec = activation_spec(activation, activation_kwargs)
     check_inputs(input, running_mean, running_var, weight, bias, training, residual)

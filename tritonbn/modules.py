@@ -132,12 +132,285 @@ def _fetch(module, registered: dict, *names):
 
 
 class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
-    """nn.BatchNorm1d + activation over (N, C) or (N, C, L) input."""
+    """Batch normalization over a 2D or 3D input, then an optional residual add and an
+    activation, as one fused operation.
+
+    The computation, with the residual only when one is given::
+
+        y = act((x - E[x]) / sqrt(Var[x] + eps) * weight + bias [+ residual])
+
+    E[x] and Var[x] are per-channel statistics over the N dimension, or the (N, L) slices. While
+    training they are the batch's own (Var the biased variance; running_var is updated with the
+    unbiased one); in eval mode they are ``running_mean`` and ``running_var``, or the batch's
+    again when ``track_running_stats=False``. ``act`` is the layer's activation, and the
+    residual is added after the affine transform, before it.
+
+    The layer subclasses nn.BatchNorm1d: parameters, buffers, ``state_dict`` keys, train/eval
+    modes, the running-statistics update and ``num_batches_tracked`` behave as there, and
+    checkpoints load either way. Unlike nn.BatchNorm1d, it applies ReLU unless told otherwise:
+    ``activation="identity"`` gives batch normalization alone.
+
+    ``forward(input, residual=None)`` takes ``residual`` as ``None`` or as a tensor of the
+    input's shape, dtype and device, in any memory layout (it is not broadcast), and returns a
+    tensor of the input's shape and dtype. The input may be float16, bfloat16, float32 or
+    float64; parameters and buffers keep their own dtype. Gradients flow to the input, the
+    weight, the bias and the residual. Every check runs before anything is computed: a bad
+    input (wrong number of dims or channels, a non-floating dtype, a residual or tensors that
+    do not match, a single value per channel where batch statistics are used) raises
+    ValueError or TypeError and leaves the buffers as they were. An empty batch gives an empty
+    output; while training it counts in ``num_batches_tracked`` and changes nothing else.
+
+    An unknown activation, a keyword argument it does not take or a value of the wrong kind
+    raises ValueError when the layer is built. The ``activation`` and ``activation_kwargs``
+    attributes may be reassigned later: the next forward checks and uses the new values.
+
+    Args:
+        num_features: C, the number of channels of an input of shape (N, C) or (N, C, L).
+        eps: added to the variance before its square root, for numerical stability.
+            Default: 1e-5
+        momentum: how much of the current batch goes into the running statistics:
+            ``running = (1 - momentum) * running + momentum * batch``. ``None`` makes them a
+            cumulative average of every batch seen so far (weight 1 / num_batches_tracked).
+            Default: 0.1
+        affine: if ``True``, the layer learns a per-channel ``weight`` (starting at 1) and
+            ``bias`` (starting at 0); if ``False``, both are ``None``. Default: ``True``
+        track_running_stats: if ``True``, the layer keeps the buffers ``running_mean``,
+            ``running_var`` and ``num_batches_tracked``, updates them while training and
+            normalizes with them in eval mode; if ``False``, the buffers are ``None`` and
+            the batch's own statistics are used in both modes. Default: ``True``
+        activation: the activation applied last, by name: one of
+            ``tritonbn.SUPPORTED_ACTIVATIONS`` (``"identity"``, ``"relu"``, ``"relu6"``,
+            ``"leaky_relu"``, ``"elu"``, ``"silu"``, ``"hardswish"``, ``"hardsigmoid"``,
+            ``"gelu"``, ``"mish"``, ``"sigmoid"``, ``"tanh"``), computed as
+            torch.nn.functional computes it. Default: ``"relu"``
+        activation_kwargs: the activation's keyword arguments, as torch.nn.functional
+            names them: ``negative_slope`` for ``"leaky_relu"`` (default 0.01), ``alpha`` for
+            ``"elu"`` (default 1.0), ``approximate`` for ``"gelu"`` (``"none"`` or
+            ``"tanh"``, default ``"none"``); the others take none, and ``inplace`` is not
+            accepted. ``None`` or a partial dict leaves the rest at their defaults; the
+            attribute of the same name holds the full dict, numbers as floats.
+            Default: ``None``
+        device: where the parameters and buffers are created. Default: ``None``
+            (PyTorch's default device)
+        dtype: the dtype of the parameters and buffers. Default: ``None`` (PyTorch's default
+            dtype)
+        **kwargs: further keyword arguments, passed on to nn.BatchNorm1d as they are, such
+            as ``bias=False`` (a learnable weight but no bias) in PyTorch versions that take
+            it.
+
+    Shape:
+        - Input: (N, C) or (N, C, L)
+        - Residual: optional, the input's shape
+        - Output: the input's shape
+
+    Examples::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from tritonbn import BatchNormAct1d
+        >>> _ = torch.manual_seed(0)
+        >>> m = BatchNormAct1d(6, activation="silu")
+        >>> m(torch.randn(8, 6)).shape
+        torch.Size([8, 6])
+        >>> x = torch.randn(8, 6, 10)
+        >>> y = m(x)
+        >>> y.shape
+        torch.Size([8, 6, 10])
+        >>> # What nn.BatchNorm1d followed by nn.SiLU computes
+        >>> bn = nn.BatchNorm1d(6)
+        >>> torch.allclose(y, nn.functional.silu(bn(x)), atol=1e-6)
+        True
+    """
 
 
 class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
-    """nn.BatchNorm2d + activation over (N, C, H, W) input."""
+    """Batch normalization over a 4D input, then an optional residual add and an activation,
+    as one fused operation.
+
+    The computation, with the residual only when one is given::
+
+        y = act((x - E[x]) / sqrt(Var[x] + eps) * weight + bias [+ residual])
+
+    E[x] and Var[x] are per-channel statistics over the (N, H, W) slices. While training they
+    are the batch's own (Var the biased variance; running_var is updated with the unbiased one);
+    in eval mode they are ``running_mean`` and ``running_var``, or the batch's again when
+    ``track_running_stats=False``. ``act`` is the layer's activation, and the residual is added
+    after the affine transform, before it.
+
+    The layer subclasses nn.BatchNorm2d: parameters, buffers, ``state_dict`` keys, train/eval
+    modes, the running-statistics update and ``num_batches_tracked`` behave as there, and
+    checkpoints load either way. Unlike nn.BatchNorm2d, it applies ReLU unless told otherwise:
+    ``activation="identity"`` gives batch normalization alone.
+
+    ``forward(input, residual=None)`` takes ``residual`` as ``None`` or as a tensor of the
+    input's shape, dtype and device, in any memory layout (it is not broadcast), and returns a
+    tensor of the input's shape and dtype. The input may be float16, bfloat16, float32 or
+    float64; parameters and buffers keep their own dtype. Gradients flow to the input, the
+    weight, the bias and the residual. Every check runs before anything is computed: a bad
+    input (wrong number of dims or channels, a non-floating dtype, a residual or tensors that
+    do not match, a single value per channel where batch statistics are used) raises
+    ValueError or TypeError and leaves the buffers as they were. An empty batch gives an empty
+    output; while training it counts in ``num_batches_tracked`` and changes nothing else.
+
+    An unknown activation, a keyword argument it does not take or a value of the wrong kind
+    raises ValueError when the layer is built. The ``activation`` and ``activation_kwargs``
+    attributes may be reassigned later: the next forward checks and uses the new values.
+
+    Args:
+        num_features: C, the number of channels of an input of shape (N, C, H, W).
+        eps: added to the variance before its square root, for numerical stability.
+            Default: 1e-5
+        momentum: how much of the current batch goes into the running statistics:
+            ``running = (1 - momentum) * running + momentum * batch``. ``None`` makes them a
+            cumulative average of every batch seen so far (weight 1 / num_batches_tracked).
+            Default: 0.1
+        affine: if ``True``, the layer learns a per-channel ``weight`` (starting at 1) and
+            ``bias`` (starting at 0); if ``False``, both are ``None``. Default: ``True``
+        track_running_stats: if ``True``, the layer keeps the buffers ``running_mean``,
+            ``running_var`` and ``num_batches_tracked``, updates them while training and
+            normalizes with them in eval mode; if ``False``, the buffers are ``None`` and
+            the batch's own statistics are used in both modes. Default: ``True``
+        activation: the activation applied last, by name: one of
+            ``tritonbn.SUPPORTED_ACTIVATIONS`` (``"identity"``, ``"relu"``, ``"relu6"``,
+            ``"leaky_relu"``, ``"elu"``, ``"silu"``, ``"hardswish"``, ``"hardsigmoid"``,
+            ``"gelu"``, ``"mish"``, ``"sigmoid"``, ``"tanh"``), computed as
+            torch.nn.functional computes it. Default: ``"relu"``
+        activation_kwargs: the activation's keyword arguments, as torch.nn.functional
+            names them: ``negative_slope`` for ``"leaky_relu"`` (default 0.01), ``alpha`` for
+            ``"elu"`` (default 1.0), ``approximate`` for ``"gelu"`` (``"none"`` or
+            ``"tanh"``, default ``"none"``); the others take none, and ``inplace`` is not
+            accepted. ``None`` or a partial dict leaves the rest at their defaults; the
+            attribute of the same name holds the full dict, numbers as floats.
+            Default: ``None``
+        device: where the parameters and buffers are created. Default: ``None``
+            (PyTorch's default device)
+        dtype: the dtype of the parameters and buffers. Default: ``None`` (PyTorch's default
+            dtype)
+        **kwargs: further keyword arguments, passed on to nn.BatchNorm2d as they are, such
+            as ``bias=False`` (a learnable weight but no bias) in PyTorch versions that take
+            it.
+
+    Shape:
+        - Input: (N, C, H, W)
+        - Residual: optional, (N, C, H, W) (the input's shape)
+        - Output: (N, C, H, W) (the input's shape)
+
+    Examples::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from tritonbn import BatchNormAct2d
+        >>> _ = torch.manual_seed(0)
+        >>> m = BatchNormAct2d(4)  # batch norm, then ReLU
+        >>> x = torch.randn(2, 4, 5, 5)
+        >>> y = m(x)
+        >>> y.shape
+        torch.Size([2, 4, 5, 5])
+        >>> # What nn.BatchNorm2d followed by nn.ReLU computes, running statistics included
+        >>> bn, relu = nn.BatchNorm2d(4), nn.ReLU()
+        >>> torch.allclose(y, relu(bn(x)), atol=1e-6)
+        True
+        >>> torch.allclose(m.running_mean, bn.running_mean), int(m.num_batches_tracked)
+        (True, 1)
+        >>> # A residual, added before the activation; a leaky ReLU with its own slope
+        >>> m = BatchNormAct2d(4, activation="leaky_relu",
+        ...                    activation_kwargs={"negative_slope": 0.2})
+        >>> m.activation_kwargs
+        {'negative_slope': 0.2}
+        >>> m.load_state_dict(bn.state_dict())  # the keys of nn.BatchNorm2d
+        <All keys matched successfully>
+        >>> _ = m.eval(), bn.eval()
+        >>> r = torch.randn(2, 4, 5, 5)
+        >>> torch.allclose(m(x, r), nn.functional.leaky_relu(bn(x) + r, 0.2), atol=1e-6)
+        True
+    """
 
 
 class BatchNormAct3d(_BatchNormActMixin, nn.BatchNorm3d):
-    """nn.BatchNorm3d + activation over (N, C, D, H, W) input."""
+    """Batch normalization over a 5D input, then an optional residual add and an activation,
+    as one fused operation.
+
+    The computation, with the residual only when one is given::
+
+        y = act((x - E[x]) / sqrt(Var[x] + eps) * weight + bias [+ residual])
+
+    E[x] and Var[x] are per-channel statistics over the (N, D, H, W) slices. While training they
+    are the batch's own (Var the biased variance; running_var is updated with the unbiased one);
+    in eval mode they are ``running_mean`` and ``running_var``, or the batch's again when
+    ``track_running_stats=False``. ``act`` is the layer's activation, and the residual is added
+    after the affine transform, before it.
+
+    The layer subclasses nn.BatchNorm3d: parameters, buffers, ``state_dict`` keys, train/eval
+    modes, the running-statistics update and ``num_batches_tracked`` behave as there, and
+    checkpoints load either way. Unlike nn.BatchNorm3d, it applies ReLU unless told otherwise:
+    ``activation="identity"`` gives batch normalization alone.
+
+    ``forward(input, residual=None)`` takes ``residual`` as ``None`` or as a tensor of the
+    input's shape, dtype and device, in any memory layout (it is not broadcast), and returns a
+    tensor of the input's shape and dtype. The input may be float16, bfloat16, float32 or
+    float64; parameters and buffers keep their own dtype. Gradients flow to the input, the
+    weight, the bias and the residual. Every check runs before anything is computed: a bad
+    input (wrong number of dims or channels, a non-floating dtype, a residual or tensors that
+    do not match, a single value per channel where batch statistics are used) raises
+    ValueError or TypeError and leaves the buffers as they were. An empty batch gives an empty
+    output; while training it counts in ``num_batches_tracked`` and changes nothing else.
+
+    An unknown activation, a keyword argument it does not take or a value of the wrong kind
+    raises ValueError when the layer is built. The ``activation`` and ``activation_kwargs``
+    attributes may be reassigned later: the next forward checks and uses the new values.
+
+    Args:
+        num_features: C, the number of channels of an input of shape (N, C, D, H, W).
+        eps: added to the variance before its square root, for numerical stability.
+            Default: 1e-5
+        momentum: how much of the current batch goes into the running statistics:
+            ``running = (1 - momentum) * running + momentum * batch``. ``None`` makes them a
+            cumulative average of every batch seen so far (weight 1 / num_batches_tracked).
+            Default: 0.1
+        affine: if ``True``, the layer learns a per-channel ``weight`` (starting at 1) and
+            ``bias`` (starting at 0); if ``False``, both are ``None``. Default: ``True``
+        track_running_stats: if ``True``, the layer keeps the buffers ``running_mean``,
+            ``running_var`` and ``num_batches_tracked``, updates them while training and
+            normalizes with them in eval mode; if ``False``, the buffers are ``None`` and
+            the batch's own statistics are used in both modes. Default: ``True``
+        activation: the activation applied last, by name: one of
+            ``tritonbn.SUPPORTED_ACTIVATIONS`` (``"identity"``, ``"relu"``, ``"relu6"``,
+            ``"leaky_relu"``, ``"elu"``, ``"silu"``, ``"hardswish"``, ``"hardsigmoid"``,
+            ``"gelu"``, ``"mish"``, ``"sigmoid"``, ``"tanh"``), computed as
+            torch.nn.functional computes it. Default: ``"relu"``
+        activation_kwargs: the activation's keyword arguments, as torch.nn.functional
+            names them: ``negative_slope`` for ``"leaky_relu"`` (default 0.01), ``alpha`` for
+            ``"elu"`` (default 1.0), ``approximate`` for ``"gelu"`` (``"none"`` or
+            ``"tanh"``, default ``"none"``); the others take none, and ``inplace`` is not
+            accepted. ``None`` or a partial dict leaves the rest at their defaults; the
+            attribute of the same name holds the full dict, numbers as floats.
+            Default: ``None``
+        device: where the parameters and buffers are created. Default: ``None``
+            (PyTorch's default device)
+        dtype: the dtype of the parameters and buffers. Default: ``None`` (PyTorch's default
+            dtype)
+        **kwargs: further keyword arguments, passed on to nn.BatchNorm3d as they are, such
+            as ``bias=False`` (a learnable weight but no bias) in PyTorch versions that take
+            it.
+
+    Shape:
+        - Input: (N, C, D, H, W)
+        - Residual: optional, (N, C, D, H, W) (the input's shape)
+        - Output: (N, C, D, H, W) (the input's shape)
+
+    Examples::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from tritonbn import BatchNormAct3d
+        >>> _ = torch.manual_seed(0)
+        >>> m = BatchNormAct3d(3, activation="gelu", activation_kwargs={"approximate": "tanh"})
+        >>> x, r = torch.randn(2, 3, 4, 4, 4), torch.randn(2, 3, 4, 4, 4)
+        >>> y = m(x, r)
+        >>> y.shape
+        torch.Size([2, 3, 4, 4, 4])
+        >>> bn = nn.BatchNorm3d(3)
+        >>> ref = nn.functional.gelu(bn(x) + r, approximate="tanh")
+        >>> torch.allclose(y, ref, atol=1e-6)
+        True
+    """

@@ -143,19 +143,27 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
 
 
 class SyncBatchNormAct(_BatchNormActMixin, _BatchNorm):
-    """nn.SyncBatchNorm followed by an activation, with an optional residual added before it,
-    as one fused op: (N, C, ...) input of any rank >= 2, the state_dict and ``process_group``
-    attribute of nn.SyncBatchNorm, the activation arguments of BatchNormAct*d.
+    """Batch normalization whose training statistics span a process group, then an optional
+    residual add and an activation, as one fused operation: the ``BatchNormAct*d`` layers for
+    distributed training, as nn.SyncBatchNorm is to nn.BatchNorm*d.
 
-    Training in an initialised process group of two or more ranks (``process_group``, or the
-    default group when None) normalizes with the statistics of the whole group's batch: ranks
-    may hold batches of different sizes, an empty one included (that rank still joins every
+    The computation, with the residual only when one is given::
+
+        y = act((x - E[x]) / sqrt(Var[x] + eps) * weight + bias [+ residual])
+
+    E[x] and Var[x] are per-channel statistics over every dimension but the channel one. While
+    training in an initialised process group of two or more ranks (``process_group``, or the
+    default group when that is ``None``), they are those of the whole group's batch: ranks may
+    hold batches of different sizes, an empty one included (that rank still joins every
     collective, and its parameter gradients are zero). Running statistics and
-    num_batches_tracked come out identical on every rank. Every rank of the group must call
-    forward and backward of its SyncBatchNormAct layers in the same order, as with any
-    collective. Eval, and training without a process group or in a group of one, behave as
-    BatchNormAct*d: no collective. CPU tensors go through gloo, CUDA tensors through the
-    group's backend (NCCL); unlike nn.SyncBatchNorm, CPU input is accepted.
+    ``num_batches_tracked`` come out identical on every rank. Every rank of the group must
+    call forward and backward of its SyncBatchNormAct layers in the same order, as with any
+    collective. Eval mode, and training without a process group or in a group of one, compute
+    what ``BatchNormAct1d/2d/3d`` compute, with no collective. CPU tensors go through gloo,
+    CUDA tensors through the group's backend (NCCL); unlike nn.SyncBatchNorm, CPU input is
+    accepted. The state_dict and the ``process_group`` attribute are nn.SyncBatchNorm's, so
+    checkpoints load either way; the activation defaults to ReLU, where nn.SyncBatchNorm has
+    none.
 
     Checked on each rank before any collective: the input's channel count against
     num_features, dims, dtype and devices. Not detectable without a further collective per
@@ -165,10 +173,72 @@ class SyncBatchNormAct(_BatchNormActMixin, _BatchNorm):
     ``torch.distributed.set_debug_level`` before the group is made) torch.distributed checks
     every collective's shapes and raises a RuntimeError on every rank instead.
 
-    Under torch.compile the group-wide forward runs eagerly (a graph break).
+    Under torch.compile the group-wide forward runs eagerly (a graph break). A scripted
+    (TorchScript) layer does not synchronise.
 
     Like nn.SyncBatchNorm it derives from nn.modules.batchnorm._BatchNorm, but not from
     nn.SyncBatchNorm: DistributedDataParallel refuses that class in CPU models.
+    ``tritonbn.convert_sync_batchnorm`` turns a model's BatchNorm layers into this one.
+
+    Args:
+        num_features: C, the number of channels of an input of shape (N, C, *).
+        eps: added to the variance before its square root, for numerical stability.
+            Default: 1e-5
+        momentum: how much of the current batch goes into the running statistics:
+            ``running = (1 - momentum) * running + momentum * batch``. ``None`` makes them a
+            cumulative average of every batch seen so far (weight 1 / num_batches_tracked).
+            Default: 0.1
+        affine: if ``True``, the layer learns a per-channel ``weight`` (starting at 1) and
+            ``bias`` (starting at 0); if ``False``, both are ``None``. Default: ``True``
+        track_running_stats: if ``True``, the layer keeps the buffers ``running_mean``,
+            ``running_var`` and ``num_batches_tracked``, updates them while training and
+            normalizes with them in eval mode; if ``False``, the buffers are ``None`` and
+            the batch's own statistics (the group's, while training) are used in both modes.
+            Default: ``True``
+        activation: the activation applied last, by name, one of
+            ``tritonbn.SUPPORTED_ACTIVATIONS``. Default: ``"relu"``
+        activation_kwargs: its keyword arguments as torch.nn.functional names them
+            (``negative_slope`` for ``"leaky_relu"``, ``alpha`` for ``"elu"``,
+            ``approximate`` for ``"gelu"``), over PyTorch's defaults; ``None`` keeps the
+            defaults. An unknown activation or keyword raises ValueError. Default: ``None``
+        process_group: the group whose batches the training statistics span; ``None`` means
+            the default group, looked up at each forward. Kept as the ``process_group``
+            attribute; copies of the layer share it. Default: ``None``
+        device: where the parameters and buffers are created. Default: ``None``
+            (PyTorch's default device)
+        dtype: the dtype of the parameters and buffers. Default: ``None`` (PyTorch's default
+            dtype)
+        **kwargs: further keyword arguments, passed on to nn.modules.batchnorm._BatchNorm as
+            they are, such as ``bias=False`` in PyTorch versions that take it.
+
+    ``forward(input, residual=None)`` takes ``residual`` as ``None`` or as a tensor of the
+    input's shape, dtype and device, in any memory layout (it is not broadcast), and returns a
+    tensor of the input's shape and dtype.
+
+    Shape:
+        - Input: (N, C, *), 2 dims or more
+        - Residual: optional, the input's shape
+        - Output: the input's shape
+
+    Examples::
+
+        >>> import torch
+        >>> from tritonbn import BatchNormAct2d, SyncBatchNormAct
+        >>> _ = torch.manual_seed(0)
+        >>> m = SyncBatchNormAct(4, activation="silu")
+        >>> x = torch.randn(2, 4, 3, 3)
+        >>> # Outside a process group it computes what BatchNormAct2d computes
+        >>> torch.allclose(m(x), BatchNormAct2d(4, activation="silu")(x), atol=1e-6)
+        True
+        >>> m(torch.randn(2, 4, 3)).shape  # any number of dims from 2 up
+        torch.Size([2, 4, 3])
+        >>> # In a script that torchrun starts on every process of the group:
+        >>> import torch.distributed as dist
+        >>> dist.init_process_group("nccl")  # doctest: +SKIP
+        >>> m = SyncBatchNormAct(64).cuda()  # doctest: +SKIP
+        >>> x = torch.randn(8, 64, 32, 32, device="cuda")  # doctest: +SKIP
+        >>> # normalized with the statistics of every rank's batch together
+        >>> y = m(x)  # doctest: +SKIP
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
@@ -233,16 +303,53 @@ def _sync_forward(layer: SyncBatchNormAct, input: Tensor, residual: Optional[Ten
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
-    """torch.nn.SyncBatchNorm.convert_sync_batchnorm for models with tritonbn layers: every
-    BatchNormAct1d/2d/3d becomes a SyncBatchNormAct with the same activation, and every plain
-    nn.BatchNorm1d/2d/3d a SyncBatchNormAct with activation="identity" (which, unlike
-    nn.SyncBatchNorm, runs on the CPU too), each sharing the original's parameters and
-    buffers, so state_dict keys and tensors are unchanged.
+    """Replace every BatchNorm layer of a model by a SyncBatchNormAct, keeping activations.
 
-    As PyTorch's, it replaces submodules in place and returns module (or the new layer when
-    module itself is one). Use it instead of PyTorch's, which would turn BatchNormAct layers
-    into plain nn.SyncBatchNorm and drop their activations. Other BatchNorm subclasses are
-    left alone.
+    The counterpart of nn.SyncBatchNorm.convert_sync_batchnorm for models with tritonbn
+    layers: every BatchNormAct1d/2d/3d becomes a SyncBatchNormAct with the same activation,
+    and every plain nn.BatchNorm1d/2d/3d one with ``activation="identity"`` (which, unlike
+    nn.SyncBatchNorm, runs on the CPU too). Each new layer holds the original's own parameter
+    and buffer tensors (not copies) and its eps, momentum, flags and train/eval mode, so
+    ``state_dict`` keys and tensors are unchanged. Exact instances of those six classes only:
+    other BatchNorm subclasses are left alone.
+
+    Like PyTorch's, it replaces submodules in place and returns ``module`` (or the new layer
+    when ``module`` itself is one). Use it instead of PyTorch's, which would turn BatchNormAct
+    layers into plain nn.SyncBatchNorm and drop their activations. It needs no process group
+    to run: the layers synchronise only when they train inside one. A plain BatchNorm keeps
+    the separate activation after it; run ``tritonbn.fuse_bn_act`` first to fuse the two.
+
+    Args:
+        module: the model (or a single layer) to convert.
+        process_group: the group the new layers synchronise over, stored as their
+            ``process_group``; ``None`` means the default group. Default: ``None``
+
+    Returns:
+        ``module``, converted in place, or the new SyncBatchNormAct when ``module`` itself is a
+        layer it converts.
+
+    Examples::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> import tritonbn
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), tritonbn.BatchNormAct2d(8, activation="silu"),
+        ...                       nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+        >>> weight = model[3].weight
+        >>> tritonbn.convert_sync_batchnorm(model) is model
+        True
+        >>> [type(layer).__name__ for layer in model]
+        ['Conv2d', 'SyncBatchNormAct', 'Conv2d', 'SyncBatchNormAct']
+        >>> model[1].activation, model[3].activation, model[3].weight is weight
+        ('silu', 'identity', True)
+        >>> model(torch.randn(2, 3, 6, 6)).shape  # no process group: no synchronisation
+        torch.Size([2, 8, 4, 4])
+        >>> # Fuse first, so that a BatchNorm takes the activation that follows it
+        >>> plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        >>> model = tritonbn.convert_sync_batchnorm(tritonbn.fuse_bn_act(plain))
+        >>> layer = model.get_submodule("1")
+        >>> type(layer).__name__, layer.activation
+        ('SyncBatchNormAct', 'relu')
     """
     converted = _converted(module, process_group)
     if converted is not None:
