@@ -76,12 +76,12 @@ def _grad_reduce_kernel(
                  # TOTALS_STRIDE); None where dx is written here
     partial_ptr,  # [2, plan.scratch_rows, C] scratch of merge_partials
     counter_ptr,  # [plan.counters] int32, zero (merge.workspace)
+    eps_hi, eps_lo, act_param_hi, act_param_lo,  # float32_pair(eps), of the activation's param
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
     stride_rn, stride_rc, stride_rs, stride_dxn, stride_dxc, stride_dxs, stride_drn,
     stride_drc, stride_drs,  # the (N, C, S) view of each tensor
     CHUNK_N, CHUNK_S, SPLIT_S, SPLITS, GROUP,  # the plan's split (tiling.Plan)
     TOTALS_OFFSET, TOTALS_STRIDE,
-    eps_hi, eps_lo, act_param_hi, act_param_lo,  # float32_pair(eps), of the activation's param
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, SHIFTED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr,
     PAIR_S: tl.constexpr, INT64: tl.constexpr, BLOCK_ROWS: tl.constexpr,
@@ -147,12 +147,12 @@ def _dx_kernel(
     dx_ptr,  # [N, C, S] out
     mean_ptr, var_ptr, weight_ptr, bias_ptr,  # as _normalize_kernel's
     totals_ptr,  # sum(g), sum(g * xhat) at totals_ptr + TOTALS_OFFSET + (0 or TOTALS_STRIDE)
+    eps_hi, eps_lo, act_param_hi, act_param_lo,  # float32_pair(eps), of the activation's param
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
     stride_rn, stride_rc, stride_rs, stride_dxn, stride_dxc, stride_dxs,  # the (N, C, S) views
     CHUNK_N, CHUNK_S, SPLIT_S,  # the plan's split (tiling.Plan)
     count,  # elements per channel
     TOTALS_OFFSET, TOTALS_STRIDE,
-    eps_hi, eps_lo, act_param_hi, act_param_lo,  # float32_pair(eps), of the activation's param
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, SHIFTED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr,
     PAIR_S: tl.constexpr, INT64: tl.constexpr,
@@ -205,7 +205,8 @@ class _Walk(NamedTuple):
 
 
 def _walk(x, dy, dx, residual, dresidual) -> _Walk:
-    x_ncs, dy_ncs, dx_ncs = strides_ncs(x), strides_ncs(dy), strides_ncs(dx)
+    x_ncs, dy_ncs = strides_ncs(x), strides_ncs(dy)
+    dx_ncs = x_ncs if dx.stride() == x.stride() else strides_ncs(dx)  # as it nearly always is
     r_ncs = dr_ncs = x_ncs
     if residual is not None:
         r_ncs, dr_ncs = strides_ncs(residual), strides_ncs(dresidual)
@@ -214,6 +215,7 @@ def _walk(x, dy, dx, residual, dresidual) -> _Walk:
 
 
 def _floats(eps, activation_param) -> dict:
+    """The float arguments of both backward kernels, by name."""
     eps_hi, eps_lo = float32_pair(eps)
     act_param_hi, act_param_lo = float32_pair(activation_param)
     return dict(eps_hi=eps_hi, eps_lo=eps_lo, act_param_hi=act_param_hi,
@@ -221,7 +223,7 @@ def _floats(eps, activation_param) -> dict:
 
 
 def _reduce(walk, dy, x, mean, var, weight, bias, residual, dx, dresidual, totals,
-            totals_offset, totals_stride, eps, activation, activation_param):
+            totals_offset, totals_stride, floats, activation):
     """The reduction launch: dweight and dbias, d residual, and dx (given dx) or the totals
     (given totals, else in the merge scratch)."""
     plan, C = walk.plan, x.shape[1]
@@ -242,13 +244,12 @@ def _reduce(walk, dy, x, mean, var, weight, bias, residual, dx, dresidual, total
             SHIFTED=mean.dim() == 2, BLOCK_ROWS=plan.block_rows, **plan.tiles)),
         x_ptr=x, dy_ptr=dy, r_ptr=residual, dx_ptr=dx, dr_ptr=dresidual, mean_ptr=mean,
         var_ptr=var, weight_ptr=weight, bias_ptr=bias, dweight_ptr=dweight, dbias_ptr=dbias,
-        totals_ptr=totals, partial_ptr=partial, counter_ptr=counters,
-        **_floats(eps, activation_param))
+        totals_ptr=totals, partial_ptr=partial, counter_ptr=counters, **floats)
     return dweight, dbias, partial
 
 
 def _dx(walk, dy, x, mean, var, weight, bias, residual, dresidual, dx, totals, totals_offset,
-        totals_stride, count, eps, activation, activation_param):
+        totals_stride, count, floats, activation):
     """The dx launch of training. Given d residual (= g), it reads that instead of dy and the
     residual, with no activation left to apply."""
     plan = walk.plan
@@ -267,7 +268,7 @@ def _dx(walk, dy, x, mean, var, weight, bias, residual, dresidual, dx, totals, t
             ACC=triton_dtype(x.dtype), ACTIVATION=activation, SHIFTED=mean.dim() == 2,
             **plan.tiles)),
         x_ptr=x, dy_ptr=dy, r_ptr=residual, dx_ptr=dx, mean_ptr=mean, var_ptr=var,
-        weight_ptr=weight, bias_ptr=bias, totals_ptr=totals, **_floats(eps, activation_param))
+        weight_ptr=weight, bias_ptr=bias, totals_ptr=totals, **floats)
     return dx
 
 
@@ -287,12 +288,13 @@ def normalize_act_backward(dy, x, mean, var, weight, bias, residual, eps: float,
     plan, C = walk.plan, x.shape[1]
     # The totals overwrite the merge's group rows, read by then (merge.py).
     totals_offset, totals_stride = plan.splits * C, plan.scratch_rows * C
+    floats = _floats(eps, activation_param)
     dweight, dbias, partial = _reduce(walk, dy, x, mean, var, weight, bias, residual,
                                       None if training else dx, dresidual, None, totals_offset,
-                                      totals_stride, eps, activation, activation_param)
+                                      totals_stride, floats, activation)
     if training:
         _dx(walk, dy, x, mean, var, weight, bias, residual, dresidual, dx, partial,
-            totals_offset, totals_stride, x.numel() // C, eps, activation, activation_param)
+            totals_offset, totals_stride, x.numel() // C, floats, activation)
     return dx, dweight, dbias, dresidual
 
 
@@ -305,8 +307,8 @@ def grad_reduce(dy, x, mean, var, weight, bias, residual, eps: float, activation
     walk = _walk(x, dy, x, residual, dresidual)
     C = x.shape[1]
     sums = x.new_empty((2, C), dtype=accumulate_dtype(x.dtype))
-    _reduce(walk, dy, x, mean, var, weight, bias, residual, None, dresidual, sums, 0, C, eps,
-            activation, activation_param)
+    _reduce(walk, dy, x, mean, var, weight, bias, residual, None, dresidual, sums, 0, C,
+            _floats(eps, activation_param), activation)
     return sums, dresidual
 
 
@@ -317,4 +319,4 @@ def grad_input(dy, x, mean, var, weight, bias, residual, dresidual, sums, count:
     dx = torch.empty_like(x)
     walk = _walk(x, dy, dx, residual, dresidual)
     return _dx(walk, dy, x, mean, var, weight, bias, residual, dresidual, dx, sums, 0,
-               x.shape[1], count, eps, activation, activation_param)
+               x.shape[1], count, _floats(eps, activation_param), activation)

@@ -52,10 +52,10 @@ def _batch_stats_kernel(
     tracked_ptr,  # [] int64 num_batches_tracked, incremented, or None
     partial_ptr,  # [2, plan.scratch_rows, C] scratch of merge_partials
     counter_ptr,  # [plan.counters] int32, zero (merge.workspace)
+    momentum_hi, momentum_lo,  # float32_pair(momentum)
     N, C, S, stride_n, stride_c, stride_s,  # the (N, C, S) view
     CHUNK_N, CHUNK_S, SPLIT_S, SPLITS, GROUP,  # the plan's split (tiling.Plan)
     count,  # elements per channel
-    momentum_hi, momentum_lo,  # float32_pair(momentum)
     ACC: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr, PAIR_S: tl.constexpr,
     INT64: tl.constexpr, BLOCK_ROWS: tl.constexpr,
@@ -123,10 +123,10 @@ def _normalize_kernel(
     x_ptr, r_ptr, y_ptr,  # [N, C, S] input, residual (or None) and output
     mean_ptr, var_ptr,  # batch statistics ([2, C] mean: SHIFTED) or running statistics
     weight_ptr, bias_ptr,  # [C], or None
+    eps_hi, eps_lo, act_param_hi, act_param_lo,  # float32_pair(eps), of the activation's param
     N, C, S, stride_xn, stride_xc, stride_xs, stride_rn, stride_rc, stride_rs,
     stride_yn, stride_yc, stride_ys,  # the (N, C, S) view of each tensor
     CHUNK_N, CHUNK_S, SPLIT_S,  # the plan's split (tiling.Plan)
-    eps_hi, eps_lo, act_param_hi, act_param_lo,  # float32_pair(eps), of the activation's param
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, SHIFTED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr,
     PAIR_S: tl.constexpr, INT64: tl.constexpr,
@@ -198,7 +198,8 @@ def normalize_act(x, mean, var, weight, bias, residual, eps: float, activation: 
     """y = act((x - mean) / sqrt(var + eps) * weight + bias [+ residual]), in x's dtype and
     layout. mean is [C], or [2, C] in batch_stats' shifted form."""
     y = torch.empty_like(x)
-    x_ncs, y_ncs = strides_ncs(x), strides_ncs(y)
+    x_ncs = strides_ncs(x)
+    y_ncs = x_ncs if y.stride() == x.stride() else strides_ncs(y)  # as it nearly always is
     r_ncs = x_ncs if residual is None else strides_ncs(residual)
     plan = make_plan(x, x_ncs, y_ncs, r_ncs)
     eps_hi, eps_lo = float32_pair(eps)

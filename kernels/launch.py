@@ -10,7 +10,9 @@ A launcher calls ``kernel.launch(cache_key, bind, **arguments)``: ``arguments`` 
 kernel's tensors (``None`` for an absent one, which Triton compiles as a constant) and floats,
 by parameter name; ``bind()`` gives the grid and the ints, constexprs and compile options, also
 by name. Once per cache key the launch layer works out where each name goes in the kernel's
-parameter list; a call then orders its arguments with two C-level lookups.
+parameter list; a call then gathers its values with one C-level lookup, followed by the
+variant's constants. A kernel that lists the parameters its callers name first (the kernels
+here: tensors, then floats) needs nothing more; any other order costs one more lookup per call.
 
 The caller's ``cache_key`` stands for everything Triton specialises on but tensor alignment:
 each tensor's dtype or absence, each int's value (width, divisibility by 16, equality to 1),
@@ -122,7 +124,7 @@ def launches_traced() -> bool:
 def _active(hook):
     """The launch hook to hand to the launcher, or None. Triton keeps an empty HookChain rather
     than None when no profiler is attached; passing None spares two calls per launch."""
-    return None if hook is None or getattr(hook, "calls", None) == [] else hook
+    return hook if hook is not None and getattr(hook, "calls", True) else None
 
 
 class Launch(NamedTuple):
@@ -134,14 +136,21 @@ class Launch(NamedTuple):
 
 
 class _Direct(NamedTuple):
-    """A compiled variant, ready to launch: its grid as a 3-tuple, and the functions that pick
-    a call's tensors (for the alignment check) and its full argument list, in the kernel's
-    parameter order, out of the call's arguments."""
+    """A compiled variant, ready to launch: its grid as a 3-tuple; how a call's arguments
+    become every parameter's value, in the kernel's order (``_Direct.arguments``); and which of
+    them are tensors, for the alignment check."""
 
     kernel: object
     grid: tuple
-    tensors: object  # arguments -> the call's tensors, a tuple
-    ordered: object  # arguments -> every parameter's value, in order
+    named: object  # call's arguments -> the values of the parameters it names, in order
+    constants: tuple  # the values of the others (bind's), in order
+    in_order: object  # (named + constants) -> parameter order; None where that is the order
+    tensors: object  # call's arguments -> its tensors
+
+
+def _in_order(entry: _Direct, arguments: dict) -> tuple:
+    values = entry.named(arguments) + entry.constants
+    return values if entry.in_order is None else entry.in_order(values)
 
 
 LAUNCHERS = []  # every CachedLaunch, in the order the kernel modules define them
@@ -181,8 +190,11 @@ class CachedLaunch:
             if tensor.data_ptr() % 16:  # compiled for aligned tensors: not this call
                 self._through_triton(bind(), arguments)
                 return
+        values = entry.named(arguments) + entry.constants  # _in_order, inlined: once per call
+        if entry.in_order is not None:
+            values = entry.in_order(values)
         try:
-            _run(entry, device, entry.ordered(arguments))
+            _run(entry, device, values)
         except Exception as error:
             # Relaunching assumes the failed call launched nothing; only an exit hook that
             # raises could break that, and it raises again on Triton's path.
@@ -227,7 +239,7 @@ class CachedLaunch:
             return None
         self._through_triton(bound, through_triton)
         try:
-            _run(entry, device, entry.ordered(direct))
+            _run(entry, device, _in_order(entry, direct))
             if not all(map(_same_bits, _tensors(through_triton), _tensors(direct))):
                 raise RuntimeError("its results differ from Triton's launch of the same "
                                    "arguments")
@@ -251,25 +263,22 @@ class CachedLaunch:
     def _remember(self, key, kernel, bound: Launch, arguments: dict):
         if hasattr(kernel, "result"):  # compiled asynchronously
             kernel = kernel.result()
-        # The compiled kernel takes every parameter in order, constants included. A call's
-        # values are gathered, then put in that order: the variable ones (tensors and floats)
-        # by name from the call, ahead of this variant's constants (absent tensors among them).
+        # The compiled kernel takes every parameter in order, constants included: the
+        # parameters a call names, then bind's, or a permutation of the two where the kernel
+        # interleaves them.
         names = [param.name for param in self.jit_fn.params]
-        variable = [name for name in names if arguments.get(name) is not None]
-        constants = {**bound.constants, **{name: None for name in names
-                                           if name in arguments and arguments[name] is None}}
-        fixed = [name for name in names if name not in variable]
-        fixed_values = tuple(constants[name] for name in fixed)
-        gathered = variable + fixed
-        in_order = operator.itemgetter(*(gathered.index(name) for name in names))
-        pick_variable = _picker(variable)
-        tensor_names = [name for name in variable if isinstance(arguments[name], torch.Tensor)]
+        named = [name for name in names if name in arguments]
+        fixed = [name for name in names if name not in arguments]
+        in_order = None
+        if named + fixed != names:
+            in_order = operator.itemgetter(*((named + fixed).index(name) for name in names))
         entries = self._unproven if PROVE_LAUNCHES else self._compiled
         if len(entries) >= MAX_CACHED:
             entries.clear()
-        entries[key] = _Direct(kernel, tuple(bound.grid) + (1,) * (3 - len(bound.grid)),
-                               _picker(tensor_names),
-                               lambda call: in_order(pick_variable(call) + fixed_values))
+        entries[key] = _Direct(
+            kernel, tuple(bound.grid) + (1,) * (3 - len(bound.grid)), _picker(named),
+            tuple(bound.constants[name] for name in fixed), in_order,
+            _picker([name for name in named if isinstance(arguments[name], torch.Tensor)]))
 
     def _fall_back(self, error: Exception):
         self._fell_back = True
@@ -297,8 +306,9 @@ def _run(entry: _Direct, device, args: tuple):
     """Hand a compiled kernel straight to its launcher, as Triton's own path would."""
     kernel, grid = entry.kernel, entry.grid
     stream = driver.active.get_current_stream(device)
-    enter_hook = _active(knobs.runtime.launch_enter_hook)
-    exit_hook = _active(knobs.runtime.launch_exit_hook)
+    hooks = knobs.runtime
+    enter_hook = _active(hooks.launch_enter_hook)
+    exit_hook = _active(hooks.launch_exit_hook)
     metadata = (None if enter_hook is None and exit_hook is None else
                 kernel.launch_metadata(grid, stream, *args))
     kernel.run(*grid, stream, kernel.function, kernel.packed_metadata, metadata,

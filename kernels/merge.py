@@ -16,6 +16,7 @@ Under Triton's interpreter programs run one after another and atomics work, so t
 runs in CPU tests.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -118,7 +119,12 @@ def counters_needed(channel_blocks: int, splits: int, group: int) -> int:
     return channel_blocks * (triton.cdiv(splits, group) + 1) + 1
 
 
-_buffers = {}  # (device, stream, dtype) -> the stream's counters (int32) or partials
+class Workspace(NamedTuple):
+    counters: torch.Tensor  # int32, zero between launches
+    partials: torch.Tensor
+
+
+_workspaces = {}  # (device, stream, dtype of the partials) -> the stream's Workspace
 # Buffers a larger one replaced. A CUDA graph captured with a buffer keeps writing to it at
 # every replay, so it is never freed: growth doubles, so these add up to less than the last.
 _replaced = []
@@ -130,20 +136,23 @@ def workspace(device: torch.device, counters: int, partials: int, dtype: torch.d
     one after another, so they share them; each stream has its own, as must each thread that
     runs kernels on the CPU through the interpreter. Fresh ones for a traced launch."""
     if launches_traced():
-        return (torch.zeros(counters, dtype=torch.int32, device=device),
-                torch.empty(partials, dtype=dtype, device=device))
+        return Workspace(torch.zeros(counters, dtype=torch.int32, device=device),
+                         torch.empty(partials, dtype=dtype, device=device))
     stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
-    return (_stream_buffer(device, stream, torch.int32, counters),
-            _stream_buffer(device, stream, dtype, partials))
-
-
-def _stream_buffer(device, stream, dtype, size: int) -> torch.Tensor:
     key = (device, stream, dtype)
-    buffer = _buffers.get(key)
-    if buffer is None or buffer.numel() < size:
-        if buffer is not None:
-            _replaced.append(buffer)
-        grown = max(size, 1024, 2 * (0 if buffer is None else buffer.numel()))
-        buffer = torch.zeros(grown, dtype=dtype, device=device)
-        _buffers[key] = buffer
-    return buffer
+    found = _workspaces.get(key)
+    if found is None or found.counters.numel() < counters or found.partials.numel() < partials:
+        found = _workspaces[key] = Workspace(
+            _grown(found and found.counters, counters, torch.int32, device),
+            _grown(found and found.partials, partials, dtype, device))
+    return found
+
+
+def _grown(buffer, size: int, dtype, device) -> torch.Tensor:
+    """buffer if it holds size elements, else a zeroed one at least twice its size."""
+    if buffer is not None and buffer.numel() >= size:
+        return buffer
+    if buffer is not None:
+        _replaced.append(buffer)
+    return torch.zeros(max(size, 1024, 2 * (0 if buffer is None else buffer.numel())),
+                       dtype=dtype, device=device)

@@ -39,7 +39,7 @@ def check_inputs(input: Tensor, running_mean: Optional[Tensor], running_var: Opt
         raise ValueError("running_mean and running_var must be given together")
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
-    C = input.shape[1]
+    C, device = input.shape[1], input.device
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         if t is None:
@@ -49,8 +49,8 @@ def check_inputs(input: Tensor, running_mean: Optional[Tensor], running_var: Opt
                              f"input) not {t.numel()} (shape {tuple(t.shape)})")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
-        if t.device != input.device:
-            raise ValueError(f"expected all tensors on one device: input is on {input.device}, "
+        if t.device != device:
+            raise ValueError(f"expected all tensors on one device: input is on {device}, "
                              f"{name} on {t.device}")
     if residual is not None:
         if not isinstance(residual, Tensor):
@@ -61,8 +61,8 @@ def check_inputs(input: Tensor, running_mean: Optional[Tensor], running_var: Opt
         if residual.dtype != input.dtype:
             raise TypeError(f"residual must have the input's dtype {input.dtype}, got "
                             f"{residual.dtype}")
-        if residual.device != input.device:
-            raise ValueError(f"expected all tensors on one device: input is on {input.device}, "
+        if residual.device != device:
+            raise ValueError(f"expected all tensors on one device: input is on {device}, "
                              f"residual on {residual.device}")
     if training and input.numel() > 0 and input.numel() // C == 1:
         raise ValueError("Expected more than 1 value per channel when training, "
