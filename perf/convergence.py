@@ -33,7 +33,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import tritonbn
-from tritonbn.ops import runs_triton
+from tritonbn.dispatch import runs_triton
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
