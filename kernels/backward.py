@@ -76,12 +76,15 @@ def _grad_reduce_kernel(
                  # TOTALS_STRIDE); None where dx is written here
     partial_ptr,  # [2, plan.scratch_rows, C] scratch of merge_partials
     counter_ptr,  # [plan.counters] int32, zero (merge.workspace)
-    eps_hi, eps_lo, act_param_hi, act_param_lo,  # float32_pair(eps), of the activation's param
     N, C, S, stride_xn, stride_xc, stride_xs, stride_dyn, stride_dyc, stride_dys,
     stride_rn, stride_rc, stride_rs, stride_dxn, stride_dxc, stride_dxs, stride_drn,
     stride_drc, stride_drs,  # the (N, C, S) view of each tensor
     CHUNK_N, CHUNK_S, SPLIT_S, SPLITS, GROUP,  # the plan's split (tiling.Plan)
     TOTALS_OFFSET, TOTALS_STRIDE,
+    # float32_pair(eps), of the activation's param. After the ints, unlike the other kernels'
+    # floats: ahead of them, ptxas allocates registers differently and spills more often
+    # (perf/static_h100.csv); the launch layer then permutes once more per call.
+    eps_hi, eps_lo, act_param_hi, act_param_lo,
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, SHIFTED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr,
     PAIR_S: tl.constexpr, INT64: tl.constexpr, BLOCK_ROWS: tl.constexpr,

@@ -11,8 +11,8 @@ kernel's tensors (``None`` for an absent one, which Triton compiles as a constan
 by parameter name; ``bind()`` gives the grid and the ints, constexprs and compile options, also
 by name. Once per cache key the launch layer works out where each name goes in the kernel's
 parameter list; a call then gathers its values with one C-level lookup, followed by the
-variant's constants. A kernel that lists the parameters its callers name first (the kernels
-here: tensors, then floats) needs nothing more; any other order costs one more lookup per call.
+variant's constants. A kernel that lists the parameters its callers name first (tensors, then
+floats) needs nothing more; any other order costs one more lookup per call.
 
 The caller's ``cache_key`` stands for everything Triton specialises on but tensor alignment:
 each tensor's dtype or absence, each int's value (width, divisibility by 16, equality to 1),
