@@ -781,6 +781,28 @@ def test_fusion_goes_on_around_an_untraceable_submodule():
     assert_same_in_both_modes(model, randn((2, 3, 4, 5)))
 
 
+def test_a_deep_copy_keeps_the_state_dict_and_the_report():
+    """fx.GraphModule's own deepcopy registers tensor constants as buffers and drops what the
+    graph does not read: state_dict would gain and lose keys."""
+    class WithConstant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.unused_head = nn.BatchNorm2d(3), nn.Linear(3, 2)
+            self.scale = torch.tensor([2.0, 3.0, 4.0], device=DEVICE)  # a constant to fx
+
+        def forward(self, x):
+            return torch.relu(self.bn(x)) * self.scale.view(1, 3, 1, 1)
+
+    model = WithConstant().to(DEVICE)
+    converted = fuse_bn_act(model)
+    copied = copy.deepcopy(copy.deepcopy(converted))
+    assert list(copied.state_dict()) == list(model.state_dict())
+    assert copied.fused_pairs == converted.fused_pairs == (FusedPair("bn", "torch.relu"),)
+    assert copied.left_alone == {} and copied.leaves == {}
+    x = torch.randn(2, 3, 4, 5, device=DEVICE)
+    torch.testing.assert_close(copied(x), model(x))
+
+
 @pytest.mark.usefixtures("reference_backend")
 def test_a_batchnorm_ending_a_leafs_child_is_reported_as_such():
     class EndsInBatchNorm(Untraceable):

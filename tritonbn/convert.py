@@ -981,28 +981,48 @@ def _replace_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent), name, module)
 
 
-def _graph_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
-    """A GraphModule running graph that holds root's own parameters, buffers and submodules,
-    in root's order.
+class _FusedGraphModule(fx.GraphModule):
+    """A GraphModule that keeps its source's parameters, buffers and submodules, in its order,
+    through copy.deepcopy too.
 
-    fx.GraphModule alone copies only what the graph uses (a head that forward skips would drop
-    out of state_dict), in graph order, and registers plain tensor attributes as buffers.
+    fx.GraphModule copies only what the graph uses (a head that forward skips would drop out
+    of state_dict), in graph order, and registers plain tensor attributes, such as the tensor
+    constants the tracer stores, as buffers: state_dict would gain keys. Its deepcopy rebuilds
+    the module the same way, and drops other attributes, so both are redone here.
     """
-    module = fx.GraphModule(root, graph, class_name=type(root).__name__)
+
+    def __deepcopy__(self, memo):
+        copied = super().__deepcopy__(memo)
+        _hold_as(copied, self, lambda value: copy.deepcopy(value, memo))
+        for name in ("fused_pairs", "left_alone", "leaves"):
+            if name in self.__dict__:
+                setattr(copied, name, copy.deepcopy(self.__dict__[name], memo))
+        return copied
+
+
+def _hold_as(module: fx.GraphModule, source: nn.Module, take=lambda value: value) -> None:
+    """Give module source's parameters, buffers and submodules (each through take), in
+    source's order, and the plain attributes its graph reads."""
     for name in [*module._parameters, *module._buffers, *module._modules]:
         delattr(module, name)
-    for name, child in root._modules.items():
-        module.add_module(name, child)
-    for name, param in root._parameters.items():
-        module.register_parameter(name, param)
-    for name, buffer in root._buffers.items():
-        module.register_buffer(name, buffer,
-                               persistent=name not in root._non_persistent_buffers_set)
-    # Plain attributes the graph reads, such as tensor constants the tracer stored on root.
-    for node in graph.find_nodes(op="get_attr"):
+    for name, child in source._modules.items():
+        module.add_module(name, take(child))
+    for name, param in source._parameters.items():
+        module.register_parameter(name, take(param))
+    for name, buffer in source._buffers.items():
+        module.register_buffer(name, take(buffer),
+                               persistent=name not in source._non_persistent_buffers_set)
+    for node in module.graph.find_nodes(op="get_attr"):
         head = node.target.split(".")[0]
         if not hasattr(module, head):
-            setattr(module, head, getattr(root, head))
+            setattr(module, head, take(getattr(source, head)))
+
+
+def _graph_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule running graph that holds root's own parameters, buffers and submodules,
+    in root's order (_FusedGraphModule)."""
+    module = _FusedGraphModule(root, graph, class_name=type(root).__name__)
+    _hold_as(module, root)
     return module
 
 
