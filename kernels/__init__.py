@@ -19,6 +19,13 @@ __all__ = sorted(_LAUNCHERS)
 def __getattr__(name: str):
     if name not in _LAUNCHERS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    launcher = getattr(importlib.import_module(f".{_LAUNCHERS[name]}", __name__), name)
-    globals()[name] = launcher  # found directly from now on
+    try:
+        module = importlib.import_module(f".{_LAUNCHERS[name]}", __name__)
+    except ImportError as error:  # no Triton: hasattr() says False, a call says why
+        raise AttributeError(f"{__name__}.{name} needs Triton: {error}") from error
+    launcher = globals()[name] = getattr(module, name)  # found directly from now on
     return launcher
+
+
+def __dir__():
+    return sorted({*globals(), *_LAUNCHERS})

@@ -238,7 +238,8 @@ def _reduce(walk, dy, x, mean, var, weight, bias, residual, dx, dresidual, total
         totals = partial
     _grad_reduce_kernel.launch(
         (plan, x.dtype, dy.dtype, mean.dtype, mean.dim(), var.dtype, dtype_of(weight),
-         dtype_of(bias), dtype_of(residual), activation, dx is None),
+         dtype_of(bias), dtype_of(residual), activation, dx is None, totals_offset,
+         totals_stride),
         lambda: Launch(plan.grid, dict(
             N=plan.n, C=C, S=plan.s, **plan.strides(walk.x, "x"), **plan.strides(walk.dy, "dy"),
             **plan.strides(walk.residual, "r"), **plan.strides(walk.dx, "dx"),
@@ -262,7 +263,8 @@ def _dx(walk, dy, x, mean, var, weight, bias, residual, dresidual, dx, totals, t
         dy, residual, activation = dresidual, None, IDENTITY
     _dx_kernel.launch(
         (plan, x.dtype, dy.dtype, mean.dtype, mean.dim(), var.dtype, dtype_of(weight),
-         dtype_of(bias), dtype_of(residual), activation, g_given),
+         dtype_of(bias), dtype_of(residual), activation, g_given, totals.dtype, count,
+         totals_offset, totals_stride),
         lambda: Launch(plan.grid, dict(
             N=plan.n, C=x.shape[1], S=plan.s, **plan.strides(walk.x, "x"),
             **plan.strides(g_strides, "dy"), **plan.strides(walk.residual, "r"),

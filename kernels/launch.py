@@ -17,8 +17,8 @@ floats) needs nothing more; any other order costs one more lookup per call.
 The caller's ``cache_key`` stands for everything Triton specialises on but tensor alignment:
 each tensor's dtype or absence, each int's value (width, divisibility by 16, equality to 1),
 the constexpr and compile-option keywords; and for the grid. The launchers in this package key
-on their launch plan (shapes and strides) and the dtypes and flags they pass, from which all
-of these follow, and call ``bind`` only when the key is new. Floats must be Python floats
+on their launch plan (shapes and strides), the dtypes and flags they pass and the ints the plan
+does not fix, and call ``bind`` only when the key is new. Floats must be Python floats
 (they are never specialised). Alignment is checked per call: a launch whose tensors are not
 all 16-byte aligned goes through Triton's own path.
 Under the interpreter, and on backends other than NVIDIA's, every call goes through Triton
@@ -137,8 +137,8 @@ class Launch(NamedTuple):
 
 class _Direct(NamedTuple):
     """A compiled variant, ready to launch: its grid as a 3-tuple; how a call's arguments
-    become every parameter's value, in the kernel's order (``_Direct.arguments``); and which of
-    them are tensors, for the alignment check."""
+    become every parameter's value, in the kernel's order (_in_order); and which of them are
+    tensors, for the alignment check."""
 
     kernel: object
     grid: tuple

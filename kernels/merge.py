@@ -8,7 +8,7 @@ would stall the launch, so the rows are merged in two levels: the last program o
 of GROUP consecutive splits adds up its group into a group row, and the last of the group
 mergers adds up the group rows. Each level reads at most GROUP rows (GROUP ~ sqrt(SPLITS)).
 
-Counters and partials live in buffers kept per (device, stream) (workspace()), so a call
+Counters and partials live in buffers kept per (device, stream, dtype) (workspace()), so a call
 allocates neither. The counters are all zero between launches: each last arriver stores 0
 back, so no memset is launched per call and CUDA-graph replays find them zeroed. Launches on
 one stream run one after another and may share the buffers; another stream gets its own.

@@ -14,6 +14,8 @@ import torch
 import triton
 
 import tritonbn
+from tritonbn import kernels
+from tritonbn.activations import activation_spec
 from tritonbn.kernels import launch
 from tritonbn.kernels.launch import CachedLaunch, DirectLaunchFallbackWarning, Launch
 from conftest import DEVICE, gpu_only, make_input, make_params
@@ -127,6 +129,19 @@ def test_an_absent_tensor_is_none_in_its_place_and_skips_the_alignment_check(dir
     assert jit_fn.kernel.launches[0][9:] == (x, None, 100, 0.5, 64, "fp32")
 
 
+def test_a_kernel_naming_its_call_arguments_first_needs_no_permutation(direct):
+    jit_fn = _JitFunction()
+    jit_fn.params = [SimpleNamespace(name=name, is_constexpr=name.isupper())
+                     for name in ("x_ptr", "eps", "n", "BLOCK", "ACC")]
+    kernel = CachedLaunch(jit_fn)
+    x = torch.randn(64)
+    for _ in range(2):
+        kernel.launch("a", bind(), eps=0.5, x_ptr=x)  # the call's order does not matter
+    (entry,) = kernel._compiled.values()
+    assert entry.in_order is None
+    assert jit_fn.kernel.launches[0][9:] == (x, 0.5, 100, 64, "fp32")
+
+
 def test_bind_runs_only_for_a_new_key(direct):
     jit_fn = _JitFunction()
     kernel = CachedLaunch(jit_fn)
@@ -158,7 +173,8 @@ def test_launcher_keys_separate_what_triton_specialises_on(monkeypatch):
     seen = {}
 
     def recording(self, cache_key, bind, **arguments):
-        spec = _specialisation({**arguments, **bind().constants})
+        bound = bind()
+        spec = (_specialisation({**arguments, **bound.constants}), tuple(bound.grid))
         assert seen.setdefault((self.jit_fn, cache_key), spec) == spec
 
     monkeypatch.setattr(CachedLaunch, "launch", recording)
@@ -175,6 +191,14 @@ def test_launcher_keys_separate_what_triton_specialises_on(monkeypatch):
                             activation=activation, residual=torch.randn_like(x) if residual
                             else None)
         y.backward(torch.randn_like(y))
+        if training:  # SyncBatchNormAct's backward: sums and a count over every process
+            r = torch.randn_like(x) if residual else None
+            mean, var = kernels.batch_stats(x.detach(), None, None, 0.1)
+            code, param = activation_spec(activation)
+            sums, dr = kernels.grad_reduce(x.detach(), x.detach(), mean, var, *params, r, 1e-5,
+                                           code, param)
+            kernels.grad_input(x.detach(), x.detach(), mean, var, *params, r, dr, sums,
+                               3 * x.numel() // x.shape[1], 1e-5, code, param)
     m = tritonbn.BatchNormAct2d(5, momentum=None, device=DEVICE)
     m(make_input((3, 5, 4, 2)))
     assert len(seen) > 20

@@ -13,6 +13,7 @@ from tritonbn import dispatch
 assert not dispatch.HAS_TRITON
 assert {name for name in sys.modules if name.startswith("tritonbn.kernels.")} == {
     "tritonbn.kernels.activation_codes", "tritonbn.kernels.dtypes", "tritonbn.kernels.layout"}
+assert not hasattr(tritonbn.kernels, "batch_stats") and "batch_stats" in dir(tritonbn.kernels)
 torch.manual_seed(0)
 ours = tritonbn.BatchNormAct2d(3, activation="silu")
 theirs = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.SiLU())

@@ -2,8 +2,9 @@
 
 torch.library's per-op dispatch costs tens of microseconds of host time per call, more than
 the kernels themselves take on small tensors, so eager calls on tensors the kernels run come
-here (tritonbn.functional); torch.compile, export and the other tracers take the registered
-ops (tritonbn.ops). Both share the autograd formula, in ops.
+here; torch.compile and torch.export (eval) take the registered ops (tritonbn.ops), and the
+other tracers the composite path (tritonbn.functional.forward_checked chooses). This node and
+the registered ops share the autograd formula, in ops.
 """
 import torch
 
