@@ -255,12 +255,17 @@ def all_models() -> list[str]:
                     if line and not line.startswith("#")]
 
 
+# Frames per video clip: s3d's temporal pooling needs more than 4.
+VIDEO_FRAMES = {"torchvision/s3d": 16}
+
+
 def _inputs(model_name: str, image_size: int, batch: int) -> tuple:
     """(args, training-only kwargs) of one float64 call; detection models take a list of
     images, and targets in training."""
     kind = _torchvision_kind(model_name.split("/")[1]) if "torchvision/" in model_name else ""
     if kind == "video":
-        return (torch.randn(batch, 3, 4, image_size, image_size, dtype=torch.float64),), {}
+        frames = VIDEO_FRAMES.get(model_name, 4)
+        return (torch.randn(batch, 3, frames, image_size, image_size, dtype=torch.float64),), {}
     images = torch.randn(batch, 3, image_size, image_size, dtype=torch.float64)
     if kind != "detection":
         return (images,), {}
@@ -268,7 +273,8 @@ def _inputs(model_name: str, image_size: int, batch: int) -> tuple:
     targets = [{"boxes": torch.cat([c[0], c[0] + c[1] + 1]).reshape(1, 4), "labels":
                 torch.ones(1, dtype=torch.int64), "masks": torch.ones(
                     1, image_size, image_size, dtype=torch.uint8),
-                "keypoints": torch.ones(1, 17, 3, dtype=torch.float64)} for c in corners]
+                # float32 whatever the model's dtype: torchvision's check asks for it.
+                "keypoints": torch.ones(1, 17, 3)} for c in corners]
     return (list(images),), {"targets": targets}
 
 

@@ -110,7 +110,10 @@ def test_matches_pytorch_on_its_own_inputs(row, activation, dtype, training):
         if dtype == torch.float64 or exact_value.numel() == 0:
             torch.testing.assert_close(ours_value, eager_value, msg=lambda m: f"{name}: {m}")
             return
-        ulps = 4 * torch.finfo(dtype).eps * (exact_value.abs().max().item() + 1)
+        # A parameter's gradient sums the channel's elements: in another order its rounding
+        # differs by about sqrt(elements) ulps of their scale, however small the sum ends up.
+        terms = x.numel() // x.shape[1] if name in ("weight", "bias") else 1
+        ulps = 4 * torch.finfo(dtype).eps * (exact_value.abs().max().item() + 1) * terms ** 0.5
         assert max_err(ours_value, exact_value) <= 2 * max_err(eager_value, exact_value) + ulps, \
             name
 
