@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import composite, dispatch, ops
+from ._docs import ACTIVATION_ARGS
 from .eager import EagerBatchNormAct
 from .activations import ActivationSpec, activation_spec
 from .kernels.dtypes import SUPPORTED_DTYPES
@@ -147,12 +148,7 @@ def bn_act(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[
             ``None``). Default: 0.1
         eps: added to the variance before its square root, for numerical stability.
             Default: 1e-5
-        activation: the activation applied last, by name, one of
-            ``tritonbn.SUPPORTED_ACTIVATIONS``. Default: ``"relu"``
-        activation_kwargs: its keyword arguments as torch.nn.functional names them
-            (``negative_slope`` for ``"leaky_relu"``, ``alpha`` for ``"elu"``,
-            ``approximate`` for ``"gelu"``), over PyTorch's defaults; ``None`` keeps the
-            defaults. An unknown activation or keyword raises ValueError. Default: ``None``
+        {activation_args}
         residual: ``None``, or a tensor of input's shape, dtype and device, in any memory
             layout (it is not broadcast), added before the activation. Default: ``None``
 
@@ -192,3 +188,6 @@ def bn_act(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[
     check_inputs(input, running_mean, running_var, weight, bias, training, residual)
     return forward_checked(input, running_mean, running_var, weight, bias, training, momentum,
                            eps, spec, residual=residual)
+
+
+bn_act.__doc__ = bn_act.__doc__.format(activation_args=ACTIVATION_ARGS)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import composite
+from ._docs import STATISTICS_ARGS
 from .activations import activation_kwargs as full_activation_kwargs
 from .activations import activation_spec, apply_activation
 from .functional import check_inputs, forward_checked
@@ -130,24 +131,30 @@ def _fetch(module, registered: dict, *names):
     return [registered[name] if name in registered else getattr(module, name)
             for name in names]
 
+def _layer_doc(dims: str, over: str, base: str, shape: str, examples: str) -> str:
+    """The docstring of BatchNormAct1d/2d/3d, which differ in these words and their
+    examples."""
+    return _LAYER_DOC.format(dims=dims, over=over, base=base, shape=shape,
+                             statistics_args=STATISTICS_ARGS,
+                             examples=examples.strip("\n").rstrip())
 
-class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
-    """Batch normalization over a 2D or 3D input, then an optional residual add and an
+
+_LAYER_DOC = """Batch normalization over {dims} input, then an optional residual add and an
     activation, as one fused operation.
 
     The computation, with the residual only when one is given::
 
         y = act((x - E[x]) / sqrt(Var[x] + eps) * weight + bias [+ residual])
 
-    E[x] and Var[x] are per-channel statistics over the N dimension, or the (N, L) slices. While
-    training they are the batch's own (Var the biased variance; running_var is updated with the
-    unbiased one); in eval mode they are ``running_mean`` and ``running_var``, or the batch's
-    again when ``track_running_stats=False``. ``act`` is the layer's activation, and the
-    residual is added after the affine transform, before it.
+    E[x] and Var[x] are per-channel statistics {over}.
+    While training they are the batch's own (Var the biased variance; running_var is updated
+    with the unbiased one); in eval mode they are ``running_mean`` and ``running_var``, or the
+    batch's again when ``track_running_stats=False``. ``act`` is the layer's activation, and
+    the residual is added after the affine transform, before it.
 
-    The layer subclasses nn.BatchNorm1d: parameters, buffers, ``state_dict`` keys, train/eval
+    The layer subclasses nn.{base}: parameters, buffers, ``state_dict`` keys, train/eval
     modes, the running-statistics update and ``num_batches_tracked`` behave as there, and
-    checkpoints load either way. Unlike nn.BatchNorm1d, it applies ReLU unless told otherwise:
+    checkpoints load either way. Unlike nn.{base}, it applies ReLU unless told otherwise:
     ``activation="identity"`` gives batch normalization alone.
 
     ``forward(input, residual=None)`` takes ``residual`` as ``None`` or as a tensor of the
@@ -165,15 +172,8 @@ class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
     attributes may be reassigned later: the next forward checks and uses the new values.
 
     Args:
-        num_features: C, the number of channels of an input of shape (N, C) or (N, C, L).
-        eps: added to the variance before its square root, for numerical stability.
-            Default: 1e-5
-        momentum: how much of the current batch goes into the running statistics:
-            ``running = (1 - momentum) * running + momentum * batch``. ``None`` makes them a
-            cumulative average of every batch seen so far (weight 1 / num_batches_tracked).
-            Default: 0.1
-        affine: if ``True``, the layer learns a per-channel ``weight`` (starting at 1) and
-            ``bias`` (starting at 0); if ``False``, both are ``None``. Default: ``True``
+        num_features: C, the number of channels of an input of shape {shape}.
+        {statistics_args}
         track_running_stats: if ``True``, the layer keeps the buffers ``running_mean``,
             ``running_var`` and ``num_batches_tracked``, updates them while training and
             normalizes with them in eval mode; if ``False``, the buffers are ``None`` and
@@ -194,16 +194,24 @@ class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
             (PyTorch's default device)
         dtype: the dtype of the parameters and buffers. Default: ``None`` (PyTorch's default
             dtype)
-        **kwargs: further keyword arguments, passed on to nn.BatchNorm1d as they are, such
+        **kwargs: further keyword arguments, passed on to nn.{base} as they are, such
             as ``bias=False`` (a learnable weight but no bias) in PyTorch versions that take
             it.
 
     Shape:
-        - Input: (N, C) or (N, C, L)
+        - Input: {shape}
         - Residual: optional, the input's shape
         - Output: the input's shape
 
     Examples::
+
+{examples}
+    """
+
+
+class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
+    __doc__ = _layer_doc("a 2D or 3D", "over the N dimension, or the (N, L) slices",
+                         "BatchNorm1d", "(N, C) or (N, C, L)", """
 
         >>> import torch
         >>> from torch import nn
@@ -220,82 +228,12 @@ class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
         >>> bn = nn.BatchNorm1d(6)
         >>> torch.allclose(y, nn.functional.silu(bn(x)), atol=1e-6)
         True
-    """
+    """)
 
 
 class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
-    """Batch normalization over a 4D input, then an optional residual add and an activation,
-    as one fused operation.
-
-    The computation, with the residual only when one is given::
-
-        y = act((x - E[x]) / sqrt(Var[x] + eps) * weight + bias [+ residual])
-
-    E[x] and Var[x] are per-channel statistics over the (N, H, W) slices. While training they
-    are the batch's own (Var the biased variance; running_var is updated with the unbiased one);
-    in eval mode they are ``running_mean`` and ``running_var``, or the batch's again when
-    ``track_running_stats=False``. ``act`` is the layer's activation, and the residual is added
-    after the affine transform, before it.
-
-    The layer subclasses nn.BatchNorm2d: parameters, buffers, ``state_dict`` keys, train/eval
-    modes, the running-statistics update and ``num_batches_tracked`` behave as there, and
-    checkpoints load either way. Unlike nn.BatchNorm2d, it applies ReLU unless told otherwise:
-    ``activation="identity"`` gives batch normalization alone.
-
-    ``forward(input, residual=None)`` takes ``residual`` as ``None`` or as a tensor of the
-    input's shape, dtype and device, in any memory layout (it is not broadcast), and returns a
-    tensor of the input's shape and dtype. The input may be float16, bfloat16, float32 or
-    float64; parameters and buffers keep their own dtype. Gradients flow to the input, the
-    weight, the bias and the residual. Every check runs before anything is computed: a bad
-    input (wrong number of dims or channels, a non-floating dtype, a residual or tensors that
-    do not match, a single value per channel where batch statistics are used) raises
-    ValueError or TypeError and leaves the buffers as they were. An empty batch gives an empty
-    output; while training it counts in ``num_batches_tracked`` and changes nothing else.
-
-    An unknown activation, a keyword argument it does not take or a value of the wrong kind
-    raises ValueError when the layer is built. The ``activation`` and ``activation_kwargs``
-    attributes may be reassigned later: the next forward checks and uses the new values.
-
-    Args:
-        num_features: C, the number of channels of an input of shape (N, C, H, W).
-        eps: added to the variance before its square root, for numerical stability.
-            Default: 1e-5
-        momentum: how much of the current batch goes into the running statistics:
-            ``running = (1 - momentum) * running + momentum * batch``. ``None`` makes them a
-            cumulative average of every batch seen so far (weight 1 / num_batches_tracked).
-            Default: 0.1
-        affine: if ``True``, the layer learns a per-channel ``weight`` (starting at 1) and
-            ``bias`` (starting at 0); if ``False``, both are ``None``. Default: ``True``
-        track_running_stats: if ``True``, the layer keeps the buffers ``running_mean``,
-            ``running_var`` and ``num_batches_tracked``, updates them while training and
-            normalizes with them in eval mode; if ``False``, the buffers are ``None`` and
-            the batch's own statistics are used in both modes. Default: ``True``
-        activation: the activation applied last, by name: one of
-            ``tritonbn.SUPPORTED_ACTIVATIONS`` (``"identity"``, ``"relu"``, ``"relu6"``,
-            ``"leaky_relu"``, ``"elu"``, ``"silu"``, ``"hardswish"``, ``"hardsigmoid"``,
-            ``"gelu"``, ``"mish"``, ``"sigmoid"``, ``"tanh"``), computed as
-            torch.nn.functional computes it. Default: ``"relu"``
-        activation_kwargs: the activation's keyword arguments, as torch.nn.functional
-            names them: ``negative_slope`` for ``"leaky_relu"`` (default 0.01), ``alpha`` for
-            ``"elu"`` (default 1.0), ``approximate`` for ``"gelu"`` (``"none"`` or
-            ``"tanh"``, default ``"none"``); the others take none, and ``inplace`` is not
-            accepted. ``None`` or a partial dict leaves the rest at their defaults; the
-            attribute of the same name holds the full dict, numbers as floats.
-            Default: ``None``
-        device: where the parameters and buffers are created. Default: ``None``
-            (PyTorch's default device)
-        dtype: the dtype of the parameters and buffers. Default: ``None`` (PyTorch's default
-            dtype)
-        **kwargs: further keyword arguments, passed on to nn.BatchNorm2d as they are, such
-            as ``bias=False`` (a learnable weight but no bias) in PyTorch versions that take
-            it.
-
-    Shape:
-        - Input: (N, C, H, W)
-        - Residual: optional, (N, C, H, W) (the input's shape)
-        - Output: (N, C, H, W) (the input's shape)
-
-    Examples::
+    __doc__ = _layer_doc("a 4D", "over the (N, H, W) slices", "BatchNorm2d", "(N, C, H, W)",
+                         """
 
         >>> import torch
         >>> from torch import nn
@@ -323,82 +261,12 @@ class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
         >>> r = torch.randn(2, 4, 5, 5)
         >>> torch.allclose(m(x, r), nn.functional.leaky_relu(bn(x) + r, 0.2), atol=1e-6)
         True
-    """
+    """)
 
 
 class BatchNormAct3d(_BatchNormActMixin, nn.BatchNorm3d):
-    """Batch normalization over a 5D input, then an optional residual add and an activation,
-    as one fused operation.
-
-    The computation, with the residual only when one is given::
-
-        y = act((x - E[x]) / sqrt(Var[x] + eps) * weight + bias [+ residual])
-
-    E[x] and Var[x] are per-channel statistics over the (N, D, H, W) slices. While training they
-    are the batch's own (Var the biased variance; running_var is updated with the unbiased one);
-    in eval mode they are ``running_mean`` and ``running_var``, or the batch's again when
-    ``track_running_stats=False``. ``act`` is the layer's activation, and the residual is added
-    after the affine transform, before it.
-
-    The layer subclasses nn.BatchNorm3d: parameters, buffers, ``state_dict`` keys, train/eval
-    modes, the running-statistics update and ``num_batches_tracked`` behave as there, and
-    checkpoints load either way. Unlike nn.BatchNorm3d, it applies ReLU unless told otherwise:
-    ``activation="identity"`` gives batch normalization alone.
-
-    ``forward(input, residual=None)`` takes ``residual`` as ``None`` or as a tensor of the
-    input's shape, dtype and device, in any memory layout (it is not broadcast), and returns a
-    tensor of the input's shape and dtype. The input may be float16, bfloat16, float32 or
-    float64; parameters and buffers keep their own dtype. Gradients flow to the input, the
-    weight, the bias and the residual. Every check runs before anything is computed: a bad
-    input (wrong number of dims or channels, a non-floating dtype, a residual or tensors that
-    do not match, a single value per channel where batch statistics are used) raises
-    ValueError or TypeError and leaves the buffers as they were. An empty batch gives an empty
-    output; while training it counts in ``num_batches_tracked`` and changes nothing else.
-
-    An unknown activation, a keyword argument it does not take or a value of the wrong kind
-    raises ValueError when the layer is built. The ``activation`` and ``activation_kwargs``
-    attributes may be reassigned later: the next forward checks and uses the new values.
-
-    Args:
-        num_features: C, the number of channels of an input of shape (N, C, D, H, W).
-        eps: added to the variance before its square root, for numerical stability.
-            Default: 1e-5
-        momentum: how much of the current batch goes into the running statistics:
-            ``running = (1 - momentum) * running + momentum * batch``. ``None`` makes them a
-            cumulative average of every batch seen so far (weight 1 / num_batches_tracked).
-            Default: 0.1
-        affine: if ``True``, the layer learns a per-channel ``weight`` (starting at 1) and
-            ``bias`` (starting at 0); if ``False``, both are ``None``. Default: ``True``
-        track_running_stats: if ``True``, the layer keeps the buffers ``running_mean``,
-            ``running_var`` and ``num_batches_tracked``, updates them while training and
-            normalizes with them in eval mode; if ``False``, the buffers are ``None`` and
-            the batch's own statistics are used in both modes. Default: ``True``
-        activation: the activation applied last, by name: one of
-            ``tritonbn.SUPPORTED_ACTIVATIONS`` (``"identity"``, ``"relu"``, ``"relu6"``,
-            ``"leaky_relu"``, ``"elu"``, ``"silu"``, ``"hardswish"``, ``"hardsigmoid"``,
-            ``"gelu"``, ``"mish"``, ``"sigmoid"``, ``"tanh"``), computed as
-            torch.nn.functional computes it. Default: ``"relu"``
-        activation_kwargs: the activation's keyword arguments, as torch.nn.functional
-            names them: ``negative_slope`` for ``"leaky_relu"`` (default 0.01), ``alpha`` for
-            ``"elu"`` (default 1.0), ``approximate`` for ``"gelu"`` (``"none"`` or
-            ``"tanh"``, default ``"none"``); the others take none, and ``inplace`` is not
-            accepted. ``None`` or a partial dict leaves the rest at their defaults; the
-            attribute of the same name holds the full dict, numbers as floats.
-            Default: ``None``
-        device: where the parameters and buffers are created. Default: ``None``
-            (PyTorch's default device)
-        dtype: the dtype of the parameters and buffers. Default: ``None`` (PyTorch's default
-            dtype)
-        **kwargs: further keyword arguments, passed on to nn.BatchNorm3d as they are, such
-            as ``bias=False`` (a learnable weight but no bias) in PyTorch versions that take
-            it.
-
-    Shape:
-        - Input: (N, C, D, H, W)
-        - Residual: optional, (N, C, D, H, W) (the input's shape)
-        - Output: (N, C, D, H, W) (the input's shape)
-
-    Examples::
+    __doc__ = _layer_doc("a 5D", "over the (N, D, H, W) slices", "BatchNorm3d",
+                         "(N, C, D, H, W)", """
 
         >>> import torch
         >>> from torch import nn
@@ -413,4 +281,4 @@ class BatchNormAct3d(_BatchNormActMixin, nn.BatchNorm3d):
         >>> ref = nn.functional.gelu(bn(x) + r, approximate="tanh")
         >>> torch.allclose(y, ref, atol=1e-6)
         True
-    """
+    """)

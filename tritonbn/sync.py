@@ -30,6 +30,7 @@ from .kernels.dtypes import accumulate_dtype
 from .modules import (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _BatchNormActMixin,
                       check_layer_inputs)
 from . import dispatch
+from ._docs import ACTIVATION_ARGS, STATISTICS_ARGS
 from .dispatch import walkable
 
 
@@ -182,25 +183,13 @@ class SyncBatchNormAct(_BatchNormActMixin, _BatchNorm):
 
     Args:
         num_features: C, the number of channels of an input of shape (N, C, *).
-        eps: added to the variance before its square root, for numerical stability.
-            Default: 1e-5
-        momentum: how much of the current batch goes into the running statistics:
-            ``running = (1 - momentum) * running + momentum * batch``. ``None`` makes them a
-            cumulative average of every batch seen so far (weight 1 / num_batches_tracked).
-            Default: 0.1
-        affine: if ``True``, the layer learns a per-channel ``weight`` (starting at 1) and
-            ``bias`` (starting at 0); if ``False``, both are ``None``. Default: ``True``
+        {statistics_args}
         track_running_stats: if ``True``, the layer keeps the buffers ``running_mean``,
             ``running_var`` and ``num_batches_tracked``, updates them while training and
             normalizes with them in eval mode; if ``False``, the buffers are ``None`` and
             the batch's own statistics (the group's, while training) are used in both modes.
             Default: ``True``
-        activation: the activation applied last, by name, one of
-            ``tritonbn.SUPPORTED_ACTIVATIONS``. Default: ``"relu"``
-        activation_kwargs: its keyword arguments as torch.nn.functional names them
-            (``negative_slope`` for ``"leaky_relu"``, ``alpha`` for ``"elu"``,
-            ``approximate`` for ``"gelu"``), over PyTorch's defaults; ``None`` keeps the
-            defaults. An unknown activation or keyword raises ValueError. Default: ``None``
+        {activation_args}
         process_group: the group whose batches the training statistics span; ``None`` means
             the default group, looked up at each forward. Kept as the ``process_group``
             attribute; copies of the layer share it. Default: ``None``
@@ -285,6 +274,10 @@ class SyncBatchNormAct(_BatchNormActMixin, _BatchNorm):
             return None
         group = self.process_group or dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None
+
+
+SyncBatchNormAct.__doc__ = SyncBatchNormAct.__doc__.format(
+    statistics_args=STATISTICS_ARGS, activation_args=ACTIVATION_ARGS)
 
 
 def _sync_forward(layer: SyncBatchNormAct, input: Tensor, residual: Optional[Tensor],
