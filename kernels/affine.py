@@ -26,6 +26,17 @@ def float32_pair(value: float) -> tuple:
     return hi, (value - hi if math.isfinite(hi) else 0.0)  # inf - inf would be NaN
 
 
+@functools.lru_cache(maxsize=256)
+def float_arguments(eps: float, activation_param: float) -> dict:
+    """The float arguments every kernel applying channel_affine and an activation takes, by
+    name: eps and the activation's parameter as float32_pairs. Cached: callers spread the
+    dict into a call's keywords and never change it."""
+    eps_hi, eps_lo = float32_pair(eps)
+    act_param_hi, act_param_lo = float32_pair(activation_param)
+    return dict(eps_hi=eps_hi, eps_lo=eps_lo, act_param_hi=act_param_hi,
+                act_param_lo=act_param_lo)
+
+
 @triton.jit
 def joined(hi, lo, ACC: tl.constexpr):
     """A float argument split by float32_pair, back in ACC: float64 keeps its digits."""

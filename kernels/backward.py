@@ -19,8 +19,8 @@ import triton.language as tl
 
 from .activation_codes import IDENTITY
 from .activations import activation_grad, div_rn
-from .affine import (channel_affine, dtype_of, float32_pair, joined, load_x_r, pre_activation,
-                     triton_dtype)
+from .affine import (channel_affine, dtype_of, float_arguments, joined, load_x_r,
+                     pre_activation, triton_dtype)
 from .dtypes import accumulate_dtype
 from .launch import CachedLaunch, Launch
 from .layout import strides_ncs
@@ -217,14 +217,6 @@ def _walk(x, dy, dx, residual, dresidual) -> _Walk:
                  dx_ncs, dr_ncs)
 
 
-def _floats(eps, activation_param) -> dict:
-    """The float arguments of both backward kernels, by name."""
-    eps_hi, eps_lo = float32_pair(eps)
-    act_param_hi, act_param_lo = float32_pair(activation_param)
-    return dict(eps_hi=eps_hi, eps_lo=eps_lo, act_param_hi=act_param_hi,
-                act_param_lo=act_param_lo)
-
-
 def _reduce(walk, dy, x, mean, var, weight, bias, residual, dx, dresidual, totals,
             totals_offset, totals_stride, floats, activation):
     """The reduction launch: dweight and dbias, d residual, and dx (given dx) or the totals
@@ -293,7 +285,7 @@ def normalize_act_backward(dy, x, mean, var, weight, bias, residual, eps: float,
     plan, C = walk.plan, x.shape[1]
     # The totals overwrite the merge's group rows, read by then (merge.py).
     totals_offset, totals_stride = plan.splits * C, plan.scratch_rows * C
-    floats = _floats(eps, activation_param)
+    floats = float_arguments(eps, activation_param)
     dweight, dbias, partial = _reduce(walk, dy, x, mean, var, weight, bias, residual,
                                       None if training else dx, dresidual, None, totals_offset,
                                       totals_stride, floats, activation)
@@ -313,7 +305,7 @@ def grad_reduce(dy, x, mean, var, weight, bias, residual, eps: float, activation
     C = x.shape[1]
     sums = x.new_empty((2, C), dtype=accumulate_dtype(x.dtype))
     _reduce(walk, dy, x, mean, var, weight, bias, residual, None, dresidual, sums, 0, C,
-            _floats(eps, activation_param), activation)
+            float_arguments(eps, activation_param), activation)
     return sums, dresidual
 
 
@@ -324,4 +316,4 @@ def grad_input(dy, x, mean, var, weight, bias, residual, dresidual, sums, count:
     dx = torch.empty_like(x)
     walk = _walk(x, dy, dx, residual, dresidual)
     return _dx(walk, dy, x, mean, var, weight, bias, residual, dresidual, dx, sums, 0,
-               x.shape[1], count, _floats(eps, activation_param), activation)
+               x.shape[1], count, float_arguments(eps, activation_param), activation)

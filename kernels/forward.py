@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from .activations import activation, div_rn
-from .affine import (channel_affine, dtype_of, float32_pair, joined, load_x_r, pre_activation,
-                     triton_dtype)
+from .affine import (channel_affine, dtype_of, float32_pair, float_arguments, joined,
+                     load_x_r, pre_activation, triton_dtype)
 from .dtypes import accumulate_dtype
 from .launch import CachedLaunch, Launch
 from .layout import strides_ncs
@@ -202,8 +202,6 @@ def normalize_act(x, mean, var, weight, bias, residual, eps: float, activation: 
     y_ncs = x_ncs if y.stride() == x.stride() else strides_ncs(y)  # as it nearly always is
     r_ncs = x_ncs if residual is None else strides_ncs(residual)
     plan = make_plan(x, x_ncs, y_ncs, r_ncs)
-    eps_hi, eps_lo = float32_pair(eps)
-    act_param_hi, act_param_lo = float32_pair(activation_param)
     _normalize_kernel.launch(
         (plan, x.dtype, mean.dtype, mean.dim(), var.dtype, dtype_of(weight), dtype_of(bias),
          dtype_of(residual), activation),
@@ -213,6 +211,5 @@ def normalize_act(x, mean, var, weight, bias, residual, eps: float, activation: 
             ACC=triton_dtype(x.dtype), ACTIVATION=activation, SHIFTED=mean.dim() == 2,
             **plan.tiles)),
         x_ptr=x, r_ptr=residual, y_ptr=y, mean_ptr=mean, var_ptr=var, weight_ptr=weight,
-        bias_ptr=bias, eps_hi=eps_hi, eps_lo=eps_lo, act_param_hi=act_param_hi,
-        act_param_lo=act_param_lo)
+        bias_ptr=bias, **float_arguments(eps, activation_param))
     return y

@@ -142,9 +142,9 @@ def workspace(device: torch.device, counters: int, partials: int, dtype: torch.d
     key = (device, stream, dtype)
     found = _workspaces.get(key)
     if found is None or found.counters.numel() < counters or found.partials.numel() < partials:
-        found = _workspaces[key] = Workspace(
-            _grown(found and found.counters, counters, torch.int32, device),
-            _grown(found and found.partials, partials, dtype, device))
+        old = Workspace(None, None) if found is None else found
+        found = _workspaces[key] = Workspace(_grown(old.counters, counters, torch.int32, device),
+                                             _grown(old.partials, partials, dtype, device))
     return found
 
 
