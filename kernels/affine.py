@@ -5,7 +5,6 @@ z = (x - mean) * rstd * weight + bias [+ residual] is recomputed by every pass t
 so each must round it exactly as the forward did; having one definition here is what makes
 the backward's z the forward's z.
 """
-import functools
 import math
 import struct
 
@@ -17,7 +16,6 @@ from .activations import div_rn
 from .tiling import load_tile
 
 
-@functools.lru_cache(maxsize=256)  # eps, momentum and slopes repeat from call to call
 def float32_pair(value: float) -> tuple:
     """(hi, lo): hi the float32 nearest to value, lo the float32 nearest to value - hi.
     Triton passes Python floats to a kernel as float32; a kernel computing in float64 adds
@@ -26,15 +24,13 @@ def float32_pair(value: float) -> tuple:
     return hi, (value - hi if math.isfinite(hi) else 0.0)  # inf - inf would be NaN
 
 
-@functools.lru_cache(maxsize=256)
-def float_arguments(eps: float, activation_param: float) -> dict:
-    """The float arguments every kernel applying channel_affine and an activation takes, by
-    name: eps and the activation's parameter as float32_pairs. Cached: callers spread the
-    dict into a call's keywords and never change it."""
-    eps_hi, eps_lo = float32_pair(eps)
-    act_param_hi, act_param_lo = float32_pair(activation_param)
-    return dict(eps_hi=eps_hi, eps_lo=eps_lo, act_param_hi=act_param_hi,
-                act_param_lo=act_param_lo)
+def float_pairs(**values: float) -> dict:
+    """Float arguments by kernel parameter name: each value as <name>_hi, <name>_lo, its
+    float32_pair."""
+    pairs = {}
+    for name, value in values.items():
+        pairs[f"{name}_hi"], pairs[f"{name}_lo"] = float32_pair(value)
+    return pairs
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .activation_codes import IDENTITY
 from .activations import activation_grad, div_rn
-from .affine import (channel_affine, dtype_of, float_arguments, joined, load_x_r,
+from .affine import (channel_affine, dtype_of, float_pairs, joined, load_x_r,
                      pre_activation, triton_dtype)
 from .dtypes import accumulate_dtype
 from .launch import CachedLaunch, Launch
@@ -64,7 +64,8 @@ def _reduce_tile(sums, x, dy, r, mask, n0, s0, dx, dr, bounds, affine, act_param
     return sums
 
 
-@CachedLaunch
+@CachedLaunch.allocating("dx_ptr", "dr_ptr", "dweight_ptr", "dbias_ptr", "totals_ptr",
+                         "partial_ptr", "counter_ptr")
 @triton.jit
 def _grad_reduce_kernel(
     x_ptr, dy_ptr, r_ptr,  # [N, C, S] input, output gradient, residual (or None)
@@ -83,7 +84,7 @@ def _grad_reduce_kernel(
     TOTALS_OFFSET, TOTALS_STRIDE,
     # float32_pair(eps), of the activation's param. After the ints, unlike the other kernels'
     # floats: ahead of them, ptxas allocates registers differently and spills more often
-    # (perf/static_h100.csv); the launch layer then permutes once more per call.
+    # (perf/static_h100.csv).
     eps_hi, eps_lo, act_param_hi, act_param_lo,
     ACC: tl.constexpr, ACTIVATION: tl.constexpr, SHIFTED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PAIR_N: tl.constexpr,
@@ -143,7 +144,7 @@ def _dx_store(dx, x, dy, r, mask, n0, s0, bounds, affine, mean_g, k, act_param,
                INT64)
 
 
-@CachedLaunch
+@CachedLaunch.allocating("dx_ptr")
 @triton.jit
 def _dx_kernel(
     x_ptr, dy_ptr, r_ptr,  # [N, C, S] input, output gradient (or g), residual (or None)
@@ -218,7 +219,7 @@ def _walk(x, dy, dx, residual, dresidual) -> _Walk:
 
 
 def _reduce(walk, dy, x, mean, var, weight, bias, residual, dx, dresidual, totals,
-            totals_offset, totals_stride, floats, activation):
+            totals_offset, totals_stride, eps, activation, activation_param):
     """The reduction launch: dweight and dbias, d residual, and dx (given dx) or the totals
     (given totals, else in the merge scratch)."""
     plan, C = walk.plan, x.shape[1]
@@ -231,21 +232,22 @@ def _reduce(walk, dy, x, mean, var, weight, bias, residual, dx, dresidual, total
     _grad_reduce_kernel.launch(
         (plan, x.dtype, dy.dtype, mean.dtype, mean.dim(), var.dtype, dtype_of(weight),
          dtype_of(bias), dtype_of(residual), activation, dx is None, totals_offset,
-         totals_stride),
+         totals_stride, eps, activation_param),
         lambda: Launch(plan.grid, dict(
             N=plan.n, C=C, S=plan.s, **plan.strides(walk.x, "x"), **plan.strides(walk.dy, "dy"),
             **plan.strides(walk.residual, "r"), **plan.strides(walk.dx, "dx"),
             **plan.strides(walk.dresidual, "dr"), **plan.split, TOTALS_OFFSET=totals_offset,
-            TOTALS_STRIDE=totals_stride, ACC=triton_dtype(x.dtype), ACTIVATION=activation,
-            SHIFTED=mean.dim() == 2, BLOCK_ROWS=plan.block_rows, **plan.tiles)),
+            TOTALS_STRIDE=totals_stride, **float_pairs(eps=eps, act_param=activation_param),
+            ACC=triton_dtype(x.dtype), ACTIVATION=activation, SHIFTED=mean.dim() == 2,
+            BLOCK_ROWS=plan.block_rows, **plan.tiles)),
         x_ptr=x, dy_ptr=dy, r_ptr=residual, dx_ptr=dx, dr_ptr=dresidual, mean_ptr=mean,
         var_ptr=var, weight_ptr=weight, bias_ptr=bias, dweight_ptr=dweight, dbias_ptr=dbias,
-        totals_ptr=totals, partial_ptr=partial, counter_ptr=counters, **floats)
+        totals_ptr=totals, partial_ptr=partial, counter_ptr=counters)
     return dweight, dbias, partial
 
 
 def _dx(walk, dy, x, mean, var, weight, bias, residual, dresidual, dx, totals, totals_offset,
-        totals_stride, count, floats, activation):
+        totals_stride, count, eps, activation, activation_param):
     """The dx launch of training. Given d residual (= g), it reads that instead of dy and the
     residual, with no activation left to apply."""
     plan = walk.plan
@@ -256,16 +258,16 @@ def _dx(walk, dy, x, mean, var, weight, bias, residual, dresidual, dx, totals, t
     _dx_kernel.launch(
         (plan, x.dtype, dy.dtype, mean.dtype, mean.dim(), var.dtype, dtype_of(weight),
          dtype_of(bias), dtype_of(residual), activation, g_given, totals.dtype, count,
-         totals_offset, totals_stride),
+         totals_offset, totals_stride, eps, activation_param),
         lambda: Launch(plan.grid, dict(
             N=plan.n, C=x.shape[1], S=plan.s, **plan.strides(walk.x, "x"),
             **plan.strides(g_strides, "dy"), **plan.strides(walk.residual, "r"),
             **plan.strides(walk.dx, "dx"), **plan.split_rows, count=count,
             TOTALS_OFFSET=totals_offset, TOTALS_STRIDE=totals_stride,
-            ACC=triton_dtype(x.dtype), ACTIVATION=activation, SHIFTED=mean.dim() == 2,
-            **plan.tiles)),
+            **float_pairs(eps=eps, act_param=activation_param), ACC=triton_dtype(x.dtype),
+            ACTIVATION=activation, SHIFTED=mean.dim() == 2, **plan.tiles)),
         x_ptr=x, dy_ptr=dy, r_ptr=residual, dx_ptr=dx, mean_ptr=mean, var_ptr=var,
-        weight_ptr=weight, bias_ptr=bias, totals_ptr=totals, **floats)
+        weight_ptr=weight, bias_ptr=bias, totals_ptr=totals)
     return dx
 
 
@@ -285,13 +287,12 @@ def normalize_act_backward(dy, x, mean, var, weight, bias, residual, eps: float,
     plan, C = walk.plan, x.shape[1]
     # The totals overwrite the merge's group rows, read by then (merge.py).
     totals_offset, totals_stride = plan.splits * C, plan.scratch_rows * C
-    floats = float_arguments(eps, activation_param)
     dweight, dbias, partial = _reduce(walk, dy, x, mean, var, weight, bias, residual,
                                       None if training else dx, dresidual, None, totals_offset,
-                                      totals_stride, floats, activation)
+                                      totals_stride, eps, activation, activation_param)
     if training:
         _dx(walk, dy, x, mean, var, weight, bias, residual, dresidual, dx, partial,
-            totals_offset, totals_stride, x.numel() // C, floats, activation)
+            totals_offset, totals_stride, x.numel() // C, eps, activation, activation_param)
     return dx, dweight, dbias, dresidual
 
 
@@ -304,8 +305,8 @@ def grad_reduce(dy, x, mean, var, weight, bias, residual, eps: float, activation
     walk = _walk(x, dy, x, residual, dresidual)
     C = x.shape[1]
     sums = x.new_empty((2, C), dtype=accumulate_dtype(x.dtype))
-    _reduce(walk, dy, x, mean, var, weight, bias, residual, None, dresidual, sums, 0, C,
-            float_arguments(eps, activation_param), activation)
+    _reduce(walk, dy, x, mean, var, weight, bias, residual, None, dresidual, sums, 0, C, eps,
+            activation, activation_param)
     return sums, dresidual
 
 
@@ -316,4 +317,4 @@ def grad_input(dy, x, mean, var, weight, bias, residual, dresidual, sums, count:
     dx = torch.empty_like(x)
     walk = _walk(x, dy, dx, residual, dresidual)
     return _dx(walk, dy, x, mean, var, weight, bias, residual, dresidual, dx, sums, 0,
-               x.shape[1], count, float_arguments(eps, activation_param), activation)
+               x.shape[1], count, eps, activation, activation_param)

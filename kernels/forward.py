@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from .activations import activation, div_rn
-from .affine import (channel_affine, dtype_of, float32_pair, float_arguments, joined,
-                     load_x_r, pre_activation, triton_dtype)
+from .affine import (channel_affine, dtype_of, float_pairs, joined, load_x_r, pre_activation,
+                     triton_dtype)
 from .dtypes import accumulate_dtype
 from .launch import CachedLaunch, Launch
 from .layout import strides_ncs
@@ -41,7 +41,7 @@ def _add_deviations(sums, x, mask, shift, ACC: tl.constexpr):
     return sums[0] + d, sums[1] + d * d
 
 
-@CachedLaunch
+@CachedLaunch.allocating("mean_ptr", "var_ptr", "partial_ptr", "counter_ptr")
 @triton.jit
 def _batch_stats_kernel(
     x_ptr,  # [N, C, S] input, any strides
@@ -117,7 +117,7 @@ def _normalize_store(y, x, r, mask, n0, s0, bounds, affine, act_param, ACC: tl.c
                INT64)
 
 
-@CachedLaunch
+@CachedLaunch.allocating("y_ptr")
 @triton.jit
 def _normalize_kernel(
     x_ptr, r_ptr, y_ptr,  # [N, C, S] input, residual (or None) and output
@@ -179,17 +179,18 @@ def batch_stats(x, running_mean, running_var, momentum: float, num_batches_track
     mean = x.new_empty((2, C), dtype=acc)
     var = x.new_empty(C, dtype=acc)
     cumulative = running_mean is not None and num_batches_tracked is not None and momentum is None
-    momentum_hi, momentum_lo = float32_pair(0.0 if momentum is None else float(momentum))
+    momentum = 0.0 if momentum is None else momentum
     _batch_stats_kernel.launch(
         (plan, x.dtype, dtype_of(running_mean), dtype_of(running_var),
-         dtype_of(num_batches_tracked), cumulative),
+         dtype_of(num_batches_tracked), cumulative, momentum),
         lambda: Launch(plan.grid, dict(
             N=plan.n, C=C, S=plan.s, **plan.strides(x_ncs), **plan.split,
-            count=x.numel() // C, ACC=triton_dtype(x.dtype), CUMULATIVE=cumulative,
-            BLOCK_ROWS=plan.block_rows, **plan.tiles)),
+            count=x.numel() // C, **float_pairs(momentum=float(momentum)),
+            ACC=triton_dtype(x.dtype), CUMULATIVE=cumulative, BLOCK_ROWS=plan.block_rows,
+            **plan.tiles)),
         x_ptr=x, mean_ptr=mean, var_ptr=var, running_mean_ptr=running_mean,
         running_var_ptr=running_var, tracked_ptr=num_batches_tracked, partial_ptr=partial,
-        counter_ptr=counters, momentum_hi=momentum_hi, momentum_lo=momentum_lo)
+        counter_ptr=counters)
     return mean, var
 
 
@@ -204,12 +205,12 @@ def normalize_act(x, mean, var, weight, bias, residual, eps: float, activation: 
     plan = make_plan(x, x_ncs, y_ncs, r_ncs)
     _normalize_kernel.launch(
         (plan, x.dtype, mean.dtype, mean.dim(), var.dtype, dtype_of(weight), dtype_of(bias),
-         dtype_of(residual), activation),
+         dtype_of(residual), activation, eps, activation_param),
         lambda: Launch(plan.grid, dict(
             N=plan.n, C=x.shape[1], S=plan.s, **plan.strides(x_ncs, "x"),
             **plan.strides(r_ncs, "r"), **plan.strides(y_ncs, "y"), **plan.split_rows,
-            ACC=triton_dtype(x.dtype), ACTIVATION=activation, SHIFTED=mean.dim() == 2,
-            **plan.tiles)),
+            **float_pairs(eps=eps, act_param=activation_param), ACC=triton_dtype(x.dtype),
+            ACTIVATION=activation, SHIFTED=mean.dim() == 2, **plan.tiles)),
         x_ptr=x, r_ptr=residual, y_ptr=y, mean_ptr=mean, var_ptr=var, weight_ptr=weight,
-        bias_ptr=bias, **float_arguments(eps, activation_param))
+        bias_ptr=bias)
     return y

@@ -6,21 +6,24 @@ small tensors. ``@CachedLaunch`` wraps a ``@triton.jit`` function so that the fi
 given ``cache_key`` goes through Triton (compiling if needed) and later calls hand the compiled
 kernel straight to its launcher, as torch.compile's own Triton launchers do.
 
-A launcher calls ``kernel.launch(cache_key, bind, **arguments)``: ``arguments`` are the
-kernel's tensors (``None`` for an absent one, which Triton compiles as a constant) and floats,
-by parameter name; ``bind()`` gives the grid and the ints, constexprs and compile options, also
-by name. Once per cache key the launch layer works out where each name goes in the kernel's
-parameter list; a call then gathers its values with one C-level lookup, followed by the
-variant's constants. A kernel that lists the parameters its callers name first (tensors, then
-floats) needs nothing more; any other order costs one more lookup per call.
+A launcher calls ``kernel.launch(cache_key, bind, **arguments)``. ``arguments`` are what may
+change from call to call under one cache key, by parameter name: the launchers in this package
+pass the kernel's tensors there, ``None`` for an absent one (Triton compiles it as a constant).
+``bind()`` gives the grid and every other argument, also by name: ints, floats, constexprs and
+compile options. Once per cache key the launch layer works out where each name goes in the
+kernel's parameter list; a call then gathers its values with one C-level lookup and appends
+the variant's bound ones. A kernel that lists the parameters its callers name first needs
+nothing more; any other order costs one more lookup per call.
 
-The caller's ``cache_key`` stands for everything Triton specialises on but tensor alignment:
-each tensor's dtype or absence, each int's value (width, divisibility by 16, equality to 1),
-the constexpr and compile-option keywords; and for the grid. The launchers in this package key
-on their launch plan (shapes and strides), the dtypes and flags they pass and the ints the plan
-does not fix, and call ``bind`` only when the key is new. Floats must be Python floats
-(they are never specialised). Alignment is checked per call: a launch whose tensors are not
-all 16-byte aligned goes through Triton's own path.
+The caller's ``cache_key`` stands for everything ``bind`` gives, and for everything Triton
+specialises on but tensor alignment: each tensor's dtype or absence, each int's value (width,
+divisibility by 16, equality to 1), the constexpr and compile-option keywords. The launchers
+in this package key on their launch plan (shapes and strides), the dtypes and flags they pass,
+the ints the plan does not fix and their float arguments (eps, momentum, an activation's
+parameter: one value per model, as a rule), and call ``bind`` only when the key is new.
+Alignment is checked per call: a launch whose tensors are not all 16-byte aligned goes through
+Triton's own path. The tensors that every launcher of a kernel allocates itself
+(``CachedLaunch.allocating``) are not checked: PyTorch's allocators align them.
 Under the interpreter, and on backends other than NVIDIA's, every call goes through Triton
 unchanged. The direct path skips what Triton checks per call beyond specialisation (pre-run
 hooks, changed globals, the debug knob), and takes the grid to be a tuple.
@@ -136,21 +139,15 @@ class Launch(NamedTuple):
 
 
 class _Direct(NamedTuple):
-    """A compiled variant, ready to launch: its grid as a 3-tuple; how a call's arguments
-    become every parameter's value, in the kernel's order (_in_order); and which of them are
-    tensors, for the alignment check."""
+    """A compiled variant, ready to launch: its grid as a 3-tuple, and how a call's arguments
+    become every parameter's value in the kernel's order (_run)."""
 
     kernel: object
     grid: tuple
     named: object  # call's arguments -> the values of the parameters it names, in order
     constants: tuple  # the values of the others (bind's), in order
     in_order: object  # (named + constants) -> parameter order; None where that is the order
-    tensors: object  # call's arguments -> its tensors
-
-
-def _in_order(entry: _Direct, arguments: dict) -> tuple:
-    values = entry.named(arguments) + entry.constants
-    return values if entry.in_order is None else entry.in_order(values)
+    checked: object  # named's values -> the tensors whose alignment each call checks
 
 
 LAUNCHERS = []  # every CachedLaunch, in the order the kernel modules define them
@@ -165,16 +162,24 @@ class CachedLaunch:
     ``bind().grid`` with ``**arguments, **bind().constants``; bind is called only when
     cache_key is new (or on Triton's own path)."""
 
-    def __init__(self, jit_fn):
+    def __init__(self, jit_fn, allocated: tuple = ()):
         self.jit_fn = jit_fn
+        self.allocated = frozenset(allocated)
         LAUNCHERS.append(self)
         self._compiled = {}  # (device, cache_key) -> _Direct
         self._unproven = {}  # the same, for variants yet to prove themselves (PROVE_LAUNCHES)
         self.proven = 0  # variants that passed their proof
         self._fell_back = False  # a direct launch raised or failed its proof: nothing is cached
 
+    @classmethod
+    def allocating(cls, *names):
+        """A decorator like CachedLaunch itself, for a kernel whose launchers allocate the
+        tensors passed as `names` on every call: PyTorch's allocators align them, so calls
+        skip their alignment check."""
+        return lambda jit_fn: cls(jit_fn, names)
+
     def launch(self, cache_key, bind, **arguments):
-        if launches_traced():
+        if _tracing.on:
             bound = bind()
             torch.library.wrap_triton(self.jit_fn)[bound.grid](**arguments, **bound.constants)
             return
@@ -186,13 +191,11 @@ class CachedLaunch:
         if entry is None:
             self._launch_uncached((device, cache_key), bind, arguments)
             return
-        for tensor in entry.tensors(arguments):
+        values = entry.named(arguments)
+        for tensor in entry.checked(values):
             if tensor.data_ptr() % 16:  # compiled for aligned tensors: not this call
                 self._through_triton(bind(), arguments)
                 return
-        values = entry.named(arguments) + entry.constants  # _in_order, inlined: once per call
-        if entry.in_order is not None:
-            values = entry.in_order(values)
         try:
             _run(entry, device, values)
         except Exception as error:
@@ -239,7 +242,7 @@ class CachedLaunch:
             return None
         self._through_triton(bound, through_triton)
         try:
-            _run(entry, device, _in_order(entry, direct))
+            _run(entry, device, entry.named(direct))
             if not all(map(_same_bits, _tensors(through_triton), _tensors(direct))):
                 raise RuntimeError("its results differ from Triton's launch of the same "
                                    "arguments")
@@ -272,13 +275,14 @@ class CachedLaunch:
         in_order = None
         if named + fixed != names:
             in_order = operator.itemgetter(*((named + fixed).index(name) for name in names))
+        checked = [index for index, name in enumerate(named)
+                   if isinstance(arguments[name], torch.Tensor) and name not in self.allocated]
         entries = self._unproven if PROVE_LAUNCHES else self._compiled
         if len(entries) >= MAX_CACHED:
             entries.clear()
         entries[key] = _Direct(
             kernel, tuple(bound.grid) + (1,) * (3 - len(bound.grid)), _picker(named),
-            tuple(bound.constants[name] for name in fixed), in_order,
-            _picker([name for name in named if isinstance(arguments[name], torch.Tensor)]))
+            tuple(bound.constants[name] for name in fixed), in_order, _picker(checked))
 
     def _fall_back(self, error: Exception):
         self._fell_back = True
@@ -290,21 +294,25 @@ class CachedLaunch:
                       f"every kernel there.", DirectLaunchFallbackWarning)
 
 
-def _picker(names):
-    """arguments -> the values of names, always a tuple (itemgetter of one name is not)."""
-    if len(names) == 1:
-        (name,) = names
-        return lambda arguments: (arguments[name],)
-    return operator.itemgetter(*names) if names else lambda arguments: ()
+def _picker(keys):
+    """container -> the values at keys, always a tuple (itemgetter of one key is not)."""
+    if len(keys) == 1:
+        (key,) = keys
+        return lambda container: (container[key],)
+    return operator.itemgetter(*keys) if keys else lambda container: ()
 
 
 def _tensors(arguments: dict) -> list:
     return [value for value in arguments.values() if isinstance(value, torch.Tensor)]
 
 
-def _run(entry: _Direct, device, args: tuple):
-    """Hand a compiled kernel straight to its launcher, as Triton's own path would."""
+def _run(entry: _Direct, device, values: tuple):
+    """Hand a compiled kernel straight to its launcher, as Triton's own path would; values are
+    entry.named's."""
     kernel, grid = entry.kernel, entry.grid
+    args = values + entry.constants
+    if entry.in_order is not None:
+        args = entry.in_order(args)
     stream = driver.active.get_current_stream(device)
     hooks = knobs.runtime
     enter_hook = _active(hooks.launch_enter_hook)

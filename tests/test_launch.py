@@ -15,7 +15,7 @@ import triton
 
 import tritonbn
 from tritonbn import kernels
-from tritonbn.activations import activation_spec
+from tritonbn.activations import activation_kwargs, activation_spec
 from tritonbn.kernels import launch
 from tritonbn.kernels.launch import CachedLaunch, DirectLaunchFallbackWarning, Launch
 from conftest import DEVICE, gpu_only, make_input, make_params
@@ -117,6 +117,16 @@ def test_misaligned_tensors_take_tritons_path(direct):
     assert len(jit_fn.compiled) == 3 and len(jit_fn.kernel.launches) == 1
 
 
+def test_a_tensor_declared_allocated_skips_the_alignment_check(direct):
+    jit_fn = _JitFunction()
+    kernel = CachedLaunch.allocating("x_ptr")(jit_fn)
+    x = torch.randn(64)
+    kernel.launch("a", bind(), x_ptr=x, eps=1e-5)
+    kernel.launch("a", bind(), x_ptr=x[1:], eps=1e-5)  # taken on trust: launched directly
+    assert kernel.allocated == {"x_ptr"}
+    assert len(jit_fn.compiled) == 1 and len(jit_fn.kernel.launches) == 1
+
+
 def test_an_absent_tensor_is_none_in_its_place_and_skips_the_alignment_check(direct):
     jit_fn = _JitFunction()
     jit_fn.params = [SimpleNamespace(name=name, is_constexpr=name.isupper())
@@ -166,15 +176,17 @@ def _specialisation(arguments):
 
 
 def test_launcher_keys_separate_what_triton_specialises_on(monkeypatch):
-    """Run the launchers over shapes, layouts, dtypes and flags, recording for each cache key
-    what Triton would specialise on: one key must never stand for two specialisations. The
-    kernels themselves do not run (their outputs are left uninitialised): keys and bind() are
-    all this checks, and leaving the interpreter out lets it cover every flag."""
+    """Run the launchers over shapes, layouts, dtypes, flags and float arguments, recording for
+    each cache key what Triton would specialise on and everything bind() gives: one key must
+    never stand for two specialisations, nor for two values of an argument bound once per key
+    (eps, momentum, an activation's parameter). The kernels themselves do not run (their
+    outputs are left uninitialised): keys and bind() are all this checks, and leaving the
+    interpreter out lets it cover every flag."""
     seen = {}
 
     def recording(self, cache_key, bind, **arguments):
         bound = bind()
-        spec = (_specialisation({**arguments, **bound.constants}), tuple(bound.grid))
+        spec = (_specialisation(arguments), bound.constants, tuple(bound.grid))
         assert seen.setdefault((self.jit_fn, cache_key), spec) == spec
 
     monkeypatch.setattr(CachedLaunch, "launch", recording)
@@ -182,26 +194,73 @@ def test_launcher_keys_separate_what_triton_specialises_on(monkeypatch):
         (((3, 5, 4, 2), "channels_last"), ((3, 5, 4, 2), "contiguous"),
          ((4, 5, 2, 4), "contiguous"), ((6, 5), "contiguous")),
         (torch.float16, torch.float32, torch.float64), (True, False),
-        tritonbn.SUPPORTED_ACTIVATIONS, (False, True), (True, False))
-    for (shape, layout), dtype, affine, activation, residual, training in cases:
+        tritonbn.SUPPORTED_ACTIVATIONS, (False, True), (True, False),
+        ((1e-5, 0.1, 1.0), (1e-3, 0.25, 0.5)))  # eps, momentum, a scale of the activation's
+    for (shape, layout), dtype, affine, activation, residual, training, floats in cases:
+        eps, momentum, scale = floats
+        kwargs = {name: value * scale if isinstance(value, float) else value
+                  for name, value in activation_kwargs(activation, None).items()}
         x = make_input(shape, dtype, layout, requires_grad=True)
         weight, bias, running_mean, running_var = make_params(shape[1], dtype)
         params = (weight, bias) if affine else (None, None)
-        y = tritonbn.bn_act(x, running_mean, running_var, *params, training,
-                            activation=activation, residual=torch.randn_like(x) if residual
-                            else None)
+        y = tritonbn.bn_act(x, running_mean, running_var, *params, training, momentum, eps,
+                            activation, kwargs, torch.randn_like(x) if residual else None)
         y.backward(torch.randn_like(y))
         if training:  # SyncBatchNormAct's backward: sums and a count over every process
             r = torch.randn_like(x) if residual else None
-            mean, var = kernels.batch_stats(x.detach(), None, None, 0.1)
-            code, param = activation_spec(activation)
-            sums, dr = kernels.grad_reduce(x.detach(), x.detach(), mean, var, *params, r, 1e-5,
+            mean, var = kernels.batch_stats(x.detach(), None, None, momentum)
+            code, param = activation_spec(activation, kwargs)
+            sums, dr = kernels.grad_reduce(x.detach(), x.detach(), mean, var, *params, r, eps,
                                            code, param)
             kernels.grad_input(x.detach(), x.detach(), mean, var, *params, r, dr, sums,
-                               3 * x.numel() // x.shape[1], 1e-5, code, param)
+                               3 * x.numel() // x.shape[1], eps, code, param)
     m = tritonbn.BatchNormAct2d(5, momentum=None, device=DEVICE)
     m(make_input((3, 5, 4, 2)))
     assert len(seen) > 20
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of contiguous t one element into its storage: no longer 16-byte aligned."""
+    buffer = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    return buffer[1:].view(t.shape).copy_(t)
+
+
+def test_what_a_kernel_declares_allocated_its_launchers_allocate(monkeypatch):
+    """CachedLaunch.allocating spares tensors the per-call alignment check, so each must be
+    one the launcher allocated on that call: aligned, and none of its caller's tensors (all
+    misaligned here, as a view into a larger buffer can be). Every launcher runs; launches are
+    only recorded."""
+    seen = set()
+    callers = []
+
+    def recording(self, cache_key, bind, **arguments):
+        storages = {t.untyped_storage().data_ptr() for t in callers}
+        for name in self.allocated & {k for k, v in arguments.items() if v is not None}:
+            tensor = arguments[name]
+            assert tensor.data_ptr() % 16 == 0, (self.jit_fn.__name__, name)
+            assert tensor.untyped_storage().data_ptr() not in storages, (
+                self.jit_fn.__name__, name)
+            seen.add((self.jit_fn.__name__, name))
+
+    monkeypatch.setattr(CachedLaunch, "launch", recording)
+    code, param = activation_spec("leaky_relu")
+    for residual in (False, True):
+        x, dy, r = (_misaligned(make_input((4, 3, 5))) for _ in range(3))
+        r = r if residual else None
+        weight, bias, running_mean, running_var = map(_misaligned, make_params(3))
+        callers[:] = [t for t in (x, dy, r, weight, bias, running_mean, running_var)
+                      if t is not None]
+        mean, var = kernels.batch_stats(x, running_mean, running_var, 0.1)
+        for statistics, training in (((mean, var), True), ((running_mean, running_var), False)):
+            kernels.normalize_act(x, *statistics, weight, bias, r, 1e-5, code, param)
+            kernels.normalize_act_backward(dy, x, *statistics, weight, bias, r, 1e-5, training,
+                                           code, param)
+        sums, dr = kernels.grad_reduce(dy, x, mean, var, weight, bias, r, 1e-5, code, param)
+        callers += [sums] + ([dr] if residual else [])  # handed back by SyncBatchNormAct
+        kernels.grad_input(dy, x, mean, var, weight, bias, r, dr, sums, 60, 1e-5, code, param)
+    declared = {(launcher.jit_fn.__name__, name) for launcher in launch.LAUNCHERS
+                for name in launcher.allocated}
+    assert seen == declared
 
 
 @pytest.mark.parametrize("setting, version, interpreting, hip, expected", [
