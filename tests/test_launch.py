@@ -258,7 +258,9 @@ def test_what_a_kernel_declares_allocated_its_launchers_allocate(monkeypatch):
         sums, dr = kernels.grad_reduce(dy, x, mean, var, weight, bias, r, 1e-5, code, param)
         callers += [sums] + ([dr] if residual else [])  # handed back by SyncBatchNormAct
         kernels.grad_input(dy, x, mean, var, weight, bias, r, dr, sums, 60, 1e-5, code, param)
-    declared = {(launcher.jit_fn.__name__, name) for launcher in launch.LAUNCHERS
+    declared = {(launcher.jit_fn.__name__, name)
+                for module in (kernels.forward, kernels.backward)
+                for launcher in vars(module).values() if isinstance(launcher, CachedLaunch)
                 for name in launcher.allocated}
     assert seen == declared
 
