@@ -179,13 +179,14 @@ def batch_stats(x, running_mean, running_var, momentum: float, num_batches_track
     mean = x.new_empty((2, C), dtype=acc)
     var = x.new_empty(C, dtype=acc)
     cumulative = running_mean is not None and num_batches_tracked is not None and momentum is None
-    momentum = 0.0 if momentum is None else momentum
+    # Bound once per key: a Python float, and 0.0 where the kernel does not read it.
+    momentum = float(momentum) if running_mean is not None and momentum is not None else 0.0
     _batch_stats_kernel.launch(
         (plan, x.dtype, dtype_of(running_mean), dtype_of(running_var),
          dtype_of(num_batches_tracked), cumulative, momentum),
         lambda: Launch(plan.grid, dict(
             N=plan.n, C=C, S=plan.s, **plan.strides(x_ncs), **plan.split,
-            count=x.numel() // C, **float_pairs(momentum=float(momentum)),
+            count=x.numel() // C, **float_pairs(momentum=momentum),
             ACC=triton_dtype(x.dtype), CUMULATIVE=cumulative, BLOCK_ROWS=plan.block_rows,
             **plan.tiles)),
         x_ptr=x, mean_ptr=mean, var_ptr=var, running_mean_ptr=running_mean,

@@ -23,7 +23,8 @@ the ints the plan does not fix and their float arguments (eps, momentum, an acti
 parameter: one value per model, as a rule), and call ``bind`` only when the key is new.
 Alignment is checked per call: a launch whose tensors are not all 16-byte aligned goes through
 Triton's own path. The tensors that every launcher of a kernel allocates itself
-(``CachedLaunch.allocating``) are not checked: PyTorch's allocators align them.
+(``CachedLaunch.allocating``) are not checked: PyTorch's allocators align them (a pluggable
+CUDA allocator must too, as cudaMalloc does).
 Under the interpreter, and on backends other than NVIDIA's, every call goes through Triton
 unchanged. The direct path skips what Triton checks per call beyond specialisation (pre-run
 hooks, changed globals, the debug knob), and takes the grid to be a tuple.
@@ -131,8 +132,8 @@ def _active(hook):
 
 
 class Launch(NamedTuple):
-    """What a launcher works out once per cache key: the grid, and the int, constexpr and
-    compile-option arguments by name."""
+    """What a launcher works out once per cache key: the grid, and the arguments a call does
+    not name (ints, floats, constexprs and compile options) by name."""
 
     grid: tuple
     constants: dict

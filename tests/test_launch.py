@@ -216,6 +216,11 @@ def test_launcher_keys_separate_what_triton_specialises_on(monkeypatch):
                                3 * x.numel() // x.shape[1], eps, code, param)
     m = tritonbn.BatchNormAct2d(5, momentum=None, device=DEVICE)
     m(make_input((3, 5, 4, 2)))
+    momentum = torch.tensor(0.1)  # as nn.BatchNorm accepts; a schedule may change it in place
+    _, _, running_mean, running_var = make_params(5)
+    for value in (0.1, 0.3):
+        momentum.fill_(value)
+        kernels.batch_stats(make_input((3, 5, 4, 2)), running_mean, running_var, momentum)
     assert len(seen) > 20
 
 
