@@ -2,9 +2,12 @@
 float64 reference and against nn.BatchNorm*d followed by the activation."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 from torch import nn
 
 import tritonbn
+from tritonbn import dispatch
 from conftest import (ACTIVATION_CASES, DEVICE, LAYOUTS, case_id, eager_act, float64_bn_act,
                       make_input, make_params, max_err)
 
@@ -90,6 +93,26 @@ def test_every_activation(case, training, residual, backend):
     assert max_err(y, theirs(x, r)) < ATOL[torch.float32]
     for name, buffer in theirs[0].named_buffers():
         assert max_err(ours.get_buffer(name), buffer) < 1e-6, name
+
+
+@triton.jit
+def _cast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < n
+    tl.store(y_ptr + offsets, tl.load(x_ptr + offsets, mask=mask).to(tl.bfloat16), mask=mask)
+
+
+@pytest.mark.skipif(not dispatch.INTERPRETING, reason="the interpreter's cast")
+def test_the_interpreter_rounds_float32_to_bfloat16_as_a_gpu_does():
+    """conftest's fix of the interpreter's truncating cast: bit for bit PyTorch's rounding,
+    NaN, infinities, overflow and signed zeros included."""
+    x = torch.randn(1000, dtype=torch.float64).mul(10).float()
+    # NaN, infinities, overflow, a signed zero, and ties to even both ways
+    x[:7] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.4e38, -0.0, 1 + 2**-8,
+                          1 + 3 * 2**-8])
+    y = torch.empty(1000, dtype=torch.bfloat16)
+    _cast_kernel[(1,)](x, y, x.numel(), BLOCK=1024)
+    assert torch.equal(y.view(torch.int16), x.bfloat16().view(torch.int16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
