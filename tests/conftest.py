@@ -28,7 +28,9 @@ def _round_bfloat16_as_a_gpu_does():
     import triton.language as tl
     from triton.runtime import interpreter
 
-    truncating = interpreter.InterpreterBuilder.cast_impl
+    truncating = getattr(interpreter.InterpreterBuilder, "cast_impl", None)
+    if truncating is None:  # another Triton: its casts are as they are, and a test says how
+        return
 
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
