@@ -52,6 +52,10 @@ def _differentiable_backward(ctx, dy):
     backward of their own, so the forward is recomputed on the composite path (from the saved
     statistics in eval, from x again in training) and differentiated with create_graph."""
     x, mean, var, weight, bias, residual = ctx.saved_tensors
+    # Each input through a view of its own: the gradient is then taken at that input alone,
+    # not summed over every path to it (a residual that is x itself, or that x depends on).
+    x, weight, bias, residual = (None if t is None else t.view_as(t)
+                                 for t in (x, weight, bias, residual))
     inputs = (x, weight, bias, residual)
     wanted = [t for t, needed in zip(inputs, ctx.needs_input_grad) if needed]
     stats = (None, None) if ctx.training else (mean, var)
