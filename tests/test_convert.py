@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import DEVICE
 from tritonbn import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, dispatch
-from tritonbn.convert import FusedPair, call_with_residual, fuse_bn_act
+from tritonbn.convert import FusedPair, call_fused, fuse_bn_act
 
 # BatchNorm's backward subtracts two per-channel means from the incoming gradient: the last
 # bits of float32 sums that differ in order come out as relative errors of about 1e-5.
@@ -458,7 +458,7 @@ def test_no_op_modules_are_passed_through():
 def test_what_is_not_a_no_op(module, reason):
     if isinstance(module, nn.Identity):
         module.register_forward_hook(lambda *args: None)
-    model = Head(nn.Sequential(module, nn.ReLU()))
+    model = Head(module)
     assert fuse_bn_act(model).left_alone == {"bn": reason}
 
 
@@ -475,7 +475,7 @@ def test_residual_of_another_shape_or_dtype_falls_back_to_unfused_math():
                                torch.randn(4, 3, device=DEVICE)), train_steps=1)
 
 
-def test_call_with_residual_runs_the_fused_module_only_for_a_matching_residual(monkeypatch):
+def test_call_fused_runs_the_fused_module_only_for_a_matching_residual(monkeypatch):
     bn = BatchNormAct1d(3, activation="leaky_relu", activation_kwargs={"negative_slope": 0.2},
                         device=DEVICE)
     calls = []
@@ -483,12 +483,13 @@ def test_call_with_residual_runs_the_fused_module_only_for_a_matching_residual(m
                         lambda self, x, r=None: calls.append(r) or torch.zeros_like(x))
     x = torch.randn(4, 3, device=DEVICE)
     r = torch.randn(4, 3, device=DEVICE)
-    assert torch.equal(call_with_residual(bn, x, r), torch.zeros_like(x))
+    fused_as = {"activation": "relu", "activation_kwargs": {}, "path": "bn"}  # bn's own rules
+    assert torch.equal(call_fused(bn, x, r, **fused_as), torch.zeros_like(x))
     assert calls == [r]
     wide = torch.randn(3, device=DEVICE)
     expected = F.leaky_relu(F.batch_norm(x, None, None, bn.weight, bn.bias, training=True)
                             + wide, 0.2)
-    torch.testing.assert_close(call_with_residual(bn, x, wide), expected)
+    torch.testing.assert_close(call_fused(bn, x, wide, **fused_as), expected)
     assert len(calls) == 1 and bn.num_batches_tracked.item() == 1
 
 
@@ -543,15 +544,15 @@ def test_hooks_and_subclasses_are_left_alone():
     custom_bn[1] = MyBatchNorm(3)
     assert fuse_bn_act(hooked_bn).left_alone == {"1": "it has hooks"}
     assert fuse_bn_act(hooked_act).left_alone == {"1": "feeds a ReLU that has hooks"}
-    assert fuse_bn_act(custom_act).fused_pairs == (  # traced through: F.leaky_relu
-        FusedPair("1", "torch.nn.functional.leaky_relu"),)
+    assert fuse_bn_act(custom_act).fused_pairs == (FusedPair("1", "2"),)  # F.leaky_relu
     assert fuse_bn_act(custom_bn).left_alone == {"1": "it is a MyBatchNorm, not a plain BatchNorm"}
 
 
 def test_untraceable_model_warns_and_comes_back_unchanged():
     model = DataDependent().to(DEVICE)
-    with pytest.warns(UserWarning, match=r"DataDependent kept as opaque calls.*the model: "
-                                         r"torch.fx cannot trace it \(TraceError.*y\.sum\(\)"):
+    with pytest.warns(UserWarning, match=r"the forward of 1 module\(s\) of DataDependent kept "
+                                         r"as it is.*the model: torch.fx cannot trace it "
+                                         r"\(TraceError.*y\.sum\(\)"):
         result = fuse_bn_act(model)
     assert result is not model and type(result) is DataDependent
     assert result.fused_pairs == ()
@@ -715,23 +716,30 @@ class GlobalFlag(nn.Module):
 
 
 @pytest.mark.parametrize("make, fused, leaf_line", [
-    (DropoutHead, [FusedPair("features.1", "features.2")], "F.dropout(x, p=0.5"),
+    (DropoutHead, [FusedPair("features.1", "features.2")], None),
     (AuxiliaryHead, [FusedPair(f"{path}.1", f"{path}.2") for path in ("stem", "body", "aux")],
-     "if self.training:"),
+     None),
     (lambda: nn.Sequential(conv_bn_relu(), Reparameterisable(), Reparameterisable()),
      [FusedPair("0.1", "0.2")], "if self.training:"),
 ], ids=["dropout-head", "auxiliary-head", "reparameterisable"])
 @pytest.mark.usefixtures("reference_backend")
 def test_what_reads_the_mode_stays_a_call_and_both_modes_stay_exact(make, fused, leaf_line):
-    """torch.fx would freeze the mode the model was converted in; the module that reads it
-    stays a call, its children fuse, and either conversion computes the original's function
-    in either mode."""
+    """torch.fx would freeze the mode the model was converted in: a forward that reads it is
+    kept as it is. The heads' forwards own no BatchNorm, so nothing is lost and nothing is
+    said; a forward whose own BatchNorms it keeps is named, with the line. Either conversion
+    computes the original's function in either mode."""
     model = make()
-    with pytest.warns(UserWarning, match="kept as opaque calls"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         converted = fuse_bn_act(model)
     assert list(converted.fused_pairs) == fused
-    assert converted.leaves and all(f"it reads the module mode (training) at {__file__}" in why
-                                    and leaf_line in why for why in converted.leaves.values())
+    if leaf_line is None:
+        assert converted.leaves == {} and not caught
+    else:
+        assert "kept as it is" in str(caught[0].message)
+        assert converted.leaves and all(
+            f"it reads the module mode (training) at {__file__}" in why and leaf_line in why
+            for why in converted.leaves.values())
     assert_same_in_both_modes(model, randn((2, 3, 4, 5)))
 
 
@@ -769,12 +777,12 @@ class Untraceable(nn.Module):
 @pytest.mark.usefixtures("reference_backend")
 def test_fusion_goes_on_around_an_untraceable_submodule():
     model = nn.Sequential(conv_bn_relu(), Untraceable(), nn.BatchNorm2d(3), nn.ReLU())
-    with pytest.warns(UserWarning, match=r"kept as opaque calls.*1: torch.fx cannot trace it "
+    with pytest.warns(UserWarning, match=r"kept as it is.*1: torch.fx cannot trace it "
                                          r"\(TraceError.*if x\.sum\(\) > 0"):
         converted = fuse_bn_act(model)
     assert list(converted.leaves) == ["1"]
-    assert converted.fused_pairs == (FusedPair("0.1", "0.2"), FusedPair("2", "3"),
-                                     FusedPair("1.inner.1", "1.inner.2"))
+    assert converted.fused_pairs == (FusedPair("0.1", "0.2"), FusedPair("1.inner.1", "1.inner.2"),
+                                     FusedPair("2", "3"))
     assert converted.left_alone == {"1.bn": "it is inside a leaf: 1"}
     assert type(converted.get_submodule("1.inner.1")) is BatchNormAct2d
     assert isinstance(converted.get_submodule("1"), Untraceable)
@@ -814,31 +822,35 @@ def test_a_batchnorm_ending_a_leafs_child_is_reported_as_such():
             return F.relu(self.tail(super().forward(x)))
 
     model = EndsInBatchNorm()
-    with pytest.warns(UserWarning, match="kept as opaque calls"):
+    with pytest.warns(UserWarning, match="kept as it is"):
         converted = fuse_bn_act(model)
     assert converted.left_alone == {
         "bn": "it is inside a leaf: the model",
-        "tail.1": "it ends tail, whose output goes to an opaque call"}
+        "tail.1": "its output is the output of tail"}
     assert_same_in_both_modes(model, randn((2, 3, 4, 5)))
 
 
-def test_a_submodule_run_inside_the_graph_refuses_to_run_alone():
-    """Its BatchNorms now apply what its forward applies after them: calling it alone would
-    apply that twice. Pickle refuses a module whose forward was replaced, rather than restore
-    its original class."""
-    model = nn.Sequential(conv_bn_relu(), Untraceable())
+def test_a_converted_submodule_runs_alone_and_everything_pickles():
+    """Each module keeps its own fused forward: called alone it computes what the original's
+    does, and a whole converted model or any of its modules pickles and deep-copies to one that
+    computes the same, report and all."""
+    model = nn.Sequential(conv_bn_relu(), Untraceable(), BasicBlock(3)).to(DEVICE).eval()
     with pytest.warns(UserWarning):
         converted = fuse_bn_act(model)
-    with pytest.raises(RuntimeError, match="runs inside the graph of the converted model"):
-        converted.get_submodule("0")(torch.randn(2, 3, 4, 4, device=DEVICE))
-    with pytest.raises((pickle.PicklingError, AttributeError)):
-        pickle.dumps(converted.get_submodule("1.inner"))
-    blocks = fuse_bn_act(nn.Sequential(BasicBlock(), BasicBlock()).to(DEVICE)).eval()
-    loaded = pickle.loads(pickle.dumps(blocks))  # a GraphModule pickles, guards and all
-    with pytest.raises(RuntimeError, match="runs inside the graph"):
-        loaded.get_submodule("1")(torch.randn(2, 4, 3, 3, device=DEVICE))
-    x = torch.randn(2, 4, 3, 3, device=DEVICE)
-    torch.testing.assert_close(loaded(x), blocks(x))
+    x = torch.randn(2, 3, 4, 4, device=DEVICE)
+    for path in ("0", "1.inner", "2"):
+        torch.testing.assert_close(converted.get_submodule(path)(x),
+                                   model.get_submodule(path)(x))
+    for copied in (pickle.loads(pickle.dumps(converted)), copy.deepcopy(converted),
+                   pickle.loads(pickle.dumps(converted.get_submodule("2")))):
+        source = converted if isinstance(copied, nn.Sequential) else converted.get_submodule("2")
+        assert [(name, type(m).__qualname__) for name, m in copied.named_modules()] == [
+            (name, type(m).__qualname__) for name, m in source.named_modules()]
+        torch.testing.assert_close(copied(x), source(x))
+        assert copied.state_dict().keys() == source.state_dict().keys()
+    loaded = pickle.loads(pickle.dumps(converted))
+    assert (loaded.fused_pairs, loaded.left_alone, loaded.leaves) == (
+        converted.fused_pairs, converted.left_alone, converted.leaves)
 
 
 @pytest.mark.usefixtures("reference_backend")

@@ -1,70 +1,14 @@
-"""fuse_bn_act(): rewrite a model so that each BatchNorm runs as one BatchNormAct module together
-with what follows it: an activation, a residual add, or a residual add and then an activation.
+"""fuse_bn_act(): convert a model so that each BatchNorm runs, as one BatchNormAct call, together
+with the activation and the residual add that follow it; docs/DESIGN.md §13 gives the design.
 
-The model is traced with torch.fx. A call of an ``nn.BatchNorm1d/2d/3d`` qualifies when its
-output, passed on through no-op modules, has exactly one consumer, and that consumer is
-
-- an activation of that output alone: a module (``nn.ReLU``, ``nn.ReLU6``, ``nn.LeakyReLU``,
-  ``nn.ELU``, ``nn.SiLU``, ``nn.Hardswish``, ``nn.Hardsigmoid``, ``nn.GELU``, ``nn.Mish``,
-  ``nn.Sigmoid``, ``nn.Tanh``, with their settings), a function (``F.relu``,
-  ``F.leaky_relu(x, 0.2)``, ``F.gelu(x, approximate="tanh")``, ``torch.sigmoid_``, ...) or a
-  Tensor method (``relu``, ``sigmoid``, ``tanh``, in place or not): fused as that activation;
-- an add of one other tensor (``+``, ``+=``, ``torch.add``, ``Tensor.add``, ``Tensor.add_`` into
-  the BatchNorm's side, alpha 1, either operand order): fused with that tensor as the residual,
-  and with the activation the add's result feeds, found the same way, if it feeds only that;
-  with ``identity`` otherwise.
-
-timm's ``BatchNormAct2d`` (when timm builds the model) is converted too, with its own
-activation, when its drop layer is a no-op; if that activation is ``nn.Identity`` it continues
-like a plain BatchNorm into an activation or add after it, and is converted alone otherwise.
-
-No-op modules are ``nn.Identity``, an add of the constant 0, and, with a drop rate of 0 at
-conversion time,
-``nn.Dropout``, torchvision's ``StochasticDepth`` and timm's ``DropPath`` and ``DropBlock2d``.
-A drop rate above 0 is never a no-op, not even in eval mode: the mode can change after the
-conversion. The stochastic modules stay leaves of the trace for that reason, so that their mode
-is read when the model runs, not baked in when it is traced.
-
-An add's other operand can have a different shape (a broadcast bias), dtype or device, which a
-graph does not show: a fused call with a residual goes through ``call_with_residual``, which
-checks them at run time and falls back to the unfused computation when they differ. A fused
-call with a residual runs where the add ran, so it is moved past what ran between the
-BatchNorm and the add; that is refused if something there calls the same BatchNorm or reads
-its state, writes in place into a tensor that may share memory with the BatchNorm's input (one
-not allocated in between by a conv, linear, BatchNorm, pooling or arithmetic call), or calls a
-leaf module (see below) on such a tensor. Reads of the BatchNorm output's shape do not count as
-its consumers: they read its input's shape instead. When both operands of an add come from
-qualifying BatchNorms, the first one that can move takes the add (in ResNet, ``bn3`` takes
-``downsample.1`` as residual).
-
-The BatchNorm module is replaced, at its own attribute path and sharing its parameters and
-buffers, by the matching BatchNormAct; the fused activation and add calls leave the graph. A
-BatchNorm module called more than once is fused only if every call qualifies with the same
-activation. Left alone: other BatchNorm subclasses (their forward may differ), BatchNorms and
-consumers carrying hooks (fusing would change what the hooks see), and everything else.
-
-The result is a new ``torch.fx.GraphModule``; the input model is never modified. Its parameters,
-buffers and submodules are a deep copy of the model's own, at the same paths and in the same
-order, so ``state_dict()`` keys are exactly the original's and checkpoints load either way.
-The activation and no-op modules whose calls the fused calls replaced are removed, unless the
-graph still calls them elsewhere or they hold parameters, buffers or hooks, so that the model
-prints as what it computes. Being a GraphModule (named after the model's class, as
-fx.symbolic_trace names it), the result keeps the traced
-``forward`` only: other methods of the model's class are not on it, and a converted
-nn.Sequential is reached by ``get_submodule("3")``, not by index. A submodule whose forward was
-traced into the graph and holds a fused BatchNorm raises if called on its own: its forward
-would apply the fused activation or residual a second time.
-
-A trace freezes every Python value its code reads. What would change the computation later is
-kept out of the graph: a submodule whose forward reads a module's ``training`` flag (a dropout
-head, an auxiliary head, a branch that only trains), a global bool or the grad mode, or whose
-forward torch.fx cannot trace (data-dependent control flow, for one), stays a call of its own
-forward, a leaf of the trace, and so do the modules timm registers as not traceable. The
-children of each leaf are converted in turn, each keeping its class with a fused forward; a
-model whose own forward is such a leaf comes back as a copy of itself, fused inside its
-children. ``leaves`` names each with the reason and the line of code, and a warning says how
-many there are. What a trace freezes otherwise (a plain Python attribute read in forward)
-stays frozen, as in any torch.fx graph.
+A conversion keeps the model's module tree: every module whose forward calls a BatchNorm of its
+own is traced on its own, with its submodules as opaque calls, and its forward is replaced by
+the fused trace. So each submodule is still called by its parent, exactly when it was before,
+and hooks, feature extraction by module name and per-block wrappers see the original's
+modules. The stages, in the order of this file: the tree (which forwards to trace), the trace
+(what a trace would freeze keeps a forward as it is), the plan (which calls fuse with what:
+the rules are fuse_bn_act's docstring), and the rewrite (the fused call, the new forward, and
+how a converted module pickles and copies).
 """
 import contextlib
 import copy
@@ -76,6 +20,7 @@ import os
 import sys
 import traceback
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
@@ -92,6 +37,7 @@ logger = logging.getLogger(__name__)
 _FUSED_CLASSES = {nn.BatchNorm1d: BatchNormAct1d, nn.BatchNorm2d: BatchNormAct2d,
                   nn.BatchNorm3d: BatchNormAct3d, nn.SyncBatchNorm: SyncBatchNormAct}
 _PLAIN_CLASSES = {fused: plain for plain, fused in _FUSED_CLASSES.items()}
+_FUSED_LAYERS = tuple(_PLAIN_CLASSES)
 # Classes of packages tritonbn does not depend on, by their qualified names.
 _TIMM_BATCHNORM_ACT = "timm.layers.norm_act.BatchNormAct2d"
 # Modules that return their input when their drop rate (the named attribute) is 0, in any mode.
@@ -136,7 +82,6 @@ _ALLOCATING_FUNCTIONS = (operator.add, operator.mul, operator.sub, operator.true
 _TORCH_DIR = os.path.dirname(torch.__file__)  # frames under it are not the model's code
 # Calls in a forward whose result a trace would freeze.
 _FROZEN_CALLS = ("is_grad_enabled", "is_autocast_enabled", "is_inference_mode_enabled")
-_MOST_LEAVES = 64  # leaves found one trace at a time; past this the module is a leaf itself
 
 
 class FusedPair(NamedTuple):
@@ -151,78 +96,246 @@ class FusedPair(NamedTuple):
     residual: Optional[str] = None
 
 
-def call_with_residual(bn: nn.Module, input: Tensor, residual: Tensor) -> Tensor:
-    """bn(input, residual) when residual has input's shape, dtype and device; otherwise the
-    computation the fusion replaced: plain BatchNorm, add (broadcasting, promoting), then
-    bn's activation. A fused model's code wraps it (torch.fx.wrap), so that a later trace of the
+def call_fused(bn: nn.Module, input: Tensor, residual: Optional[Tensor] = None, *,
+               activation: str, activation_kwargs: dict, path: str) -> Tensor:
+    """What a converted model's forward calls where it fused the BatchNorm at ``path``:
+    ``bn(input, residual)``, or ``bn(input)`` without a residual.
+
+    The fused computation is ``activation(batchnorm(input) + residual)``, and it stays that
+    whatever happened to the layer since: a residual of another shape, dtype or device than
+    input (a broadcast add, which a graph does not show) runs the layer's BatchNorm, the add and
+    its activation unfused; a layer that another library put in its place (an
+    ``nn.SyncBatchNorm`` from ``nn.SyncBatchNorm.convert_sync_batchnorm``, a
+    ``FrozenBatchNorm2d``, a plain BatchNorm) runs with the add and ``activation`` around it. A
+    layer that applies an activation of its own, other than tritonbn's, raises ValueError.
+    A converted model's code wraps this function (torch.fx.wrap), so that a later trace of the
     model (torchvision's feature extractor, say) records it as one call."""
-    if (residual.shape == input.shape and residual.dtype == input.dtype
-            and residual.device == input.device):
-        return bn(input, residual)
-    activation = eager_activation(activation_spec(bn.activation, bn.activation_kwargs))
-    return activation(_PLAIN_CLASSES[type(bn)].forward(bn, input) + residual)
+    if isinstance(bn, _FUSED_LAYERS):
+        if residual is None:
+            return bn(input)
+        if (residual.shape == input.shape and residual.dtype == input.dtype
+                and residual.device == input.device):
+            return bn(input, residual)
+        plain = _PLAIN_CLASSES[type(bn)].forward(bn, input)
+        return eager_activation(activation_spec(bn.activation, bn.activation_kwargs))(
+            plain + residual)
+    own = getattr(bn, "act", None)
+    if isinstance(own, nn.Module) and type(own) is not nn.Identity:
+        raise ValueError(
+            f"fuse_bn_act fused {path} with {activation}, and {path} is now a "
+            f"{type(bn).__name__} that applies an activation of its own "
+            f"({type(own).__name__}): applying both would change the model. Convert the fused "
+            "model with tritonbn.convert_sync_batchnorm or tritonbn.freeze_batch_norm, which "
+            "keep the fused activation in the layer")
+    output = bn(input)
+    if residual is not None:
+        output = output + residual
+    return eager_activation(activation_spec(activation, activation_kwargs))(output)
+
+
+def fuse_bn_act(model: nn.Module) -> nn.Module:
+    """Fuse each BatchNorm of a model with the activation and residual add that follow it.
+
+    Returns a copy of ``model`` in which every qualifying nn.BatchNorm1d/2d/3d (and
+    nn.SyncBatchNorm, and timm's BatchNormAct2d) runs, together with the activation and the
+    residual add after it, as one ``BatchNormAct1d/2d/3d`` (``SyncBatchNormAct``) call::
+
+        act(bn(x) + residual)  ->  fused_bn(x, residual)
+
+    The copy is the same model to the tools around it: the same classes, module tree,
+    ``state_dict`` keys and order, train/eval modes, devices and dtypes. Each module whose
+    forward calls a BatchNorm of its own gets a fused forward (its class is a subclass of the
+    original's, of the same name); it still calls each of its submodules when the original
+    did, so hooks fire, and features extracted by module name are the original's. The
+    exceptions: an activation (or no-op) module whose work moved into a fused BatchNorm is no
+    longer called, and is removed unless it holds state or hooks or is called elsewhere; a
+    fused BatchNorm's output is the activated one. The copy pickles (``torch.save`` of the
+    whole model), deep-copies and converts again to itself. ``model`` is never modified.
+
+    What fuses. A module's forward is traced with torch.fx, its submodules kept as calls. A
+    call of one of its BatchNorms qualifies when the output, passed on through no-op modules
+    (``nn.Identity``, an add of 0, and ``nn.Dropout``, torchvision's ``StochasticDepth`` or
+    timm's ``DropPath``/``DropBlock2d`` at a drop rate of 0), has exactly one consumer in that
+    forward (reads of its shape aside), and that consumer is
+
+    - an activation of it alone, as a module with its settings (``nn.ReLU6``,
+      ``nn.LeakyReLU(0.2)``, ...), a function (``F.silu``, ``torch.sigmoid_``, ...) or a
+      Tensor method, in place or not: any of ``tritonbn.SUPPORTED_ACTIVATIONS``;
+    - an add of one other tensor (``+``, ``+=``, ``torch.add``, ``Tensor.add(_)``, alpha 1,
+      either order): that tensor becomes the residual, and the activation the sum alone feeds
+      is fused too (``identity`` when there is none). The fused call runs where the add ran,
+      unless what runs in between writes in place into memory the BatchNorm's input may
+      share, calls the same BatchNorm or reads its state; when both operands come from
+      BatchNorms, the first that can move takes the add.
+
+    A BatchNorm whose output is its module's output is left alone: fusing it with what the
+    caller does next would change that module's output. timm's ``BatchNormAct2d`` fuses with
+    its own activation (or, with ``nn.Identity``, as a plain BatchNorm). Left alone too: other
+    BatchNorm subclasses, BatchNorms and consumers with hooks, a BatchNorm called with
+    different activations, and the BatchNorms of a module whose forward is kept as it is: one
+    that torch.fx cannot trace, that timm registers as not traceable, or that reads what a
+    trace would freeze (a module's ``training`` flag, a global bool, the grad mode), since
+    the graph would compute another function once those change. A drop rate and other plain
+    attributes read in forward are frozen at conversion, as in any torch.fx graph.
+
+    Args:
+        model: the ``nn.Module`` to convert.
+
+    Returns:
+        The converted copy. Its attribute ``fused_pairs`` lists what was fused, as
+        ``FusedPair`` tuples; ``left_alone`` maps the path of every other BatchNorm to the
+        reason; ``leaves`` maps the path of every module whose forward holds BatchNorms and is
+        kept as it is ("" for the model's own) to the reason, with the line of code. Each pair
+        is logged at INFO level, each BatchNorm left alone at DEBUG level, and a warning says
+        how many forwards are kept, if any for a reason other than timm's registration.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+
+    Examples::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> import tritonbn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+        ...                       nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)).eval()
+        >>> fused = tritonbn.fuse_bn_act(model)
+        >>> fused.fused_pairs
+        (FusedPair(bn='1', activation='2', residual=None),)
+        >>> fused.left_alone, fused.leaves
+        ({'4': 'it is an output of the model'}, {})
+        >>> type(fused[1]).__name__, isinstance(fused, nn.Sequential)
+        ('BatchNormAct2d', True)
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> torch.allclose(fused(x), model(x), atol=1e-6)
+        True
+        >>> list(fused.state_dict()) == list(model.state_dict())
+        True
+        >>> # A residual block: relu(bn(conv(x)) + x) runs as one call, bn(conv(x), x)
+        >>> class Block(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        ...     def forward(self, x):
+        ...         return torch.relu(self.bn(self.conv(x)) + x)
+        >>> block = Block().eval()
+        >>> fused = tritonbn.fuse_bn_act(block)
+        >>> fused.fused_pairs
+        (FusedPair(bn='bn', activation='torch.relu', residual='x'),)
+        >>> x = torch.randn(2, 4, 5, 5)
+        >>> torch.allclose(fused(x), block(x), atol=1e-6)
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse_bn_act expects an nn.Module, got {type(model).__name__}")
+    converted = _copy(model)
+    report = _convert(converted)
+    converted.fused_pairs = tuple(report.fused_pairs)
+    converted.leaves = dict(report.leaves)
+    converted.left_alone = {}
+    for name, module in _batchnorm_modules(model):
+        if name in report.fused:
+            continue
+        reason = (report.refused.get(name) or _module_refusal(module)
+                  or "it is not called by forward")
+        converted.left_alone[name] = reason
+        logger.debug("fuse_bn_act: %s left alone: %s", name, reason)
+    kept = {path: reason for path, reason in report.leaves.items() if reason != _TIMM_LEAF}
+    if kept:
+        first = next(iter(kept))
+        warnings.warn(f"fuse_bn_act: the forward of {len(kept)} module(s) of "
+                      f"{type(model).__name__} kept as it is, its BatchNorms unfused (see "
+                      f".leaves); {first or 'the model'}: {kept[first]}", stacklevel=2)
+    logger.info("fuse_bn_act: %d call(s) fused in %s", len(report.fused_pairs),
+                type(model).__name__)
+    return converted
+
+
+@dataclass
+class _Report:
+    fused_pairs: list = field(default_factory=list)
+    fused: set = field(default_factory=set)
+    refused: dict = field(default_factory=dict)
+    leaves: dict = field(default_factory=dict)
+
+
+# The tree: which forwards to trace, and in what order things change.
+
+def _convert(root: nn.Module) -> _Report:
+    """Fuse root (the caller's own copy) in place, one module's forward at a time: every module
+    that owns a BatchNorm is traced first, on the unchanged tree, then each graph is planned
+    and rewritten, and the absorbed modules go once no graph calls them."""
+    report = _Report()
+    owners = _owners(root)
+    graphs = {}
+    for path in dict.fromkeys(owners.values()):
+        graph, scratch, reason = _trace(root.get_submodule(path))
+        if graph is None:
+            report.leaves[path] = reason
+        else:
+            graphs[path] = graph, scratch
+    callers: dict[str, list[str]] = {}
+    for path, (graph, _) in graphs.items():
+        for target in _batchnorm_calls(root.get_submodule(path), graph):
+            callers.setdefault(_joined(path, target), []).append(path or "the model")
+    refused = {bn: f"it is inside a leaf: {owner or 'the model'}"
+               for bn, owner in owners.items() if owner in report.leaves}
+    refused.update((bn, f"it is called by the forwards of {' and '.join(paths)}")
+                   for bn, paths in callers.items() if len(paths) > 1)
+    report.refused.update(refused)
+    absorbed = []
+    for path, (graph, scratch) in graphs.items():
+        absorbed += _fuse(root, path, graph, scratch, refused, report)
+    _drop_absorbed(root, graphs, absorbed)
+    for path, (graph, _) in graphs.items():
+        if graph.find_nodes(op="call_function", target=call_fused):
+            _install_forward(root.get_submodule(path), graph)
+    return report
+
+
+def _owners(root: nn.Module) -> dict[str, str]:
+    """{path of each BatchNorm other than tritonbn's: path of the module that holds it}, seen
+    through containers without a forward of their own (nn.ModuleList, nn.ModuleDict)."""
+    owners = {}
+    for path, _ in _batchnorm_modules(root):
+        owner = path.rpartition(".")[0]
+        while owner and type(root.get_submodule(owner)).forward is nn.Module.forward:
+            owner = owner.rpartition(".")[0]
+        owners[path] = owner
+    return owners
+
+
+def _joined(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix and path else prefix or path
+
+
+# The trace: one module's own forward, its submodules opaque calls.
+
+_TIMM_LEAF = "timm registers it as not traceable by torch.fx"
 
 
 class _Tracer(fx.Tracer):
-    """fx's default tracer that also keeps as leaves (opaque calls) every BatchNorm (subclasses
-    too, whose forward fx cannot trace: it checks the input's dims), tritonbn's own modules (so
-    an already converted model converts again to itself), the stochastic drop modules, whose
-    forward depends on the mode, timm's registered leaves, and the modules in ``leaves``.
+    """A tracer of one module's own forward: every submodule stays a call (a leaf), and so do
+    the functions timm registers as not traceable. While it traces it notes the first thing a
+    trace would freeze (``frozen``): a read of a module's ``training`` flag, a global bool,
+    ``torch.is_grad_enabled()``."""
 
-    While it traces it notes, for the module whose forward runs, what a trace would freeze: a
-    read of a module's ``training`` flag, a global bool, ``torch.is_grad_enabled()``
-    (``frozen``), and the module whose forward raised an error (``raised_in``)."""
-
-    def __init__(self, leaves: Optional[dict[str, str]] = None):
-        super().__init__(autowrap_functions=(call_with_residual, *_timm_registry()[1]))
-        self.leaves = {} if leaves is None else leaves  # none when a GraphModule unpickles
-        self.reached: dict[str, str] = {}  # leaves called, other than tritonbn's own rules
-        self.traced_through: set[str] = set()
-        self.running = [""]  # paths of the modules whose forward runs, innermost last
-        self.frozen: dict[str, str] = {}
-        self.raised_in: dict[int, str] = {}  # id(error) -> path
+    def __init__(self):
+        super().__init__(autowrap_functions=(call_fused, *_timm_registry()[1]))
+        self.frozen: Optional[str] = None
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return (isinstance(module, nn.modules.batchnorm._BatchNorm)
-                or _class_name(module) in _DROP_RATES
-                or self._leaf_reason(module, qualified_name) is not None
-                or super().is_leaf_module(module, qualified_name))
-
-    def _leaf_reason(self, module: nn.Module, path: str) -> Optional[str]:
-        if path in self.leaves:
-            return self.leaves[path]
-        registered = _timm_registry()[0]
-        if _Watch.unwatched(type(module)) in registered and _fused_class(module) is None:
-            return "timm registers it as not traceable by torch.fx"
-        return None
+        return True
 
     def trace(self, root: nn.Module, concrete_args=None) -> fx.Graph:
-        self._note_frozen_code(type(root).forward, "")
+        self._note_frozen_code(type(root).forward)
         return super().trace(root, concrete_args)
 
-    def call_module(self, module, forward, args, kwargs):
-        path = self.path_of_module(module)
-        if self.is_leaf_module(module, path):
-            reason = self._leaf_reason(module, path)
-            if reason is not None:
-                self.reached[path] = reason
-            return super().call_module(module, forward, args, kwargs)
-        self.traced_through.add(path)
-        self._note_frozen_code(type(module).forward, path)
-        self.running.append(path)
-        try:
-            return super().call_module(module, forward, args, kwargs)
-        except Exception as error:
-            self.raised_in.setdefault(id(error), path)
-            raise
-        finally:
-            self.running.pop()
-
     def note_training_read(self, frame) -> None:
-        self.frozen.setdefault(self.running[-1],
-                               f"it reads the module mode (training) at {_where(frame)}")
+        self.frozen = self.frozen or f"it reads the module mode (training) at {_where(frame)}"
 
-    def _note_frozen_code(self, function, path: str) -> None:
+    def _note_frozen_code(self, function) -> None:
         """Note a read of a global bool or of the grad mode in function's own code."""
         code = getattr(function, "__code__", None)
         if code is None or code.co_filename.startswith(_TORCH_DIR):
@@ -234,9 +347,30 @@ class _Tracer(fx.Tracer):
                     or (isinstance(name, str) and name in _FROZEN_CALLS)):
                 line = instruction.positions.lineno if instruction.positions else None
                 text = linecache.getline(code.co_filename, line or 0).strip()
-                self.frozen.setdefault(path, f"it reads {name}, which a trace would freeze, "
-                                             f"at {code.co_filename}:{line}: {text}")
+                self.frozen = self.frozen or (f"it reads {name}, which a trace would freeze, "
+                                              f"at {code.co_filename}:{line}: {text}")
                 return
+
+
+def _trace(module: nn.Module):
+    """(graph, the copy of module it was traced from, None), or (None, None, why module's
+    forward is kept as it is). The copy shares module's submodules (leaves, not run) and
+    copies its own state, which a trace may write (levit caches its attention biases)."""
+    if _Watch.unwatched(type(module)) in _timm_registry()[0] and _fused_class(module) is None:
+        return None, None, _TIMM_LEAF
+    scratch = copy.deepcopy(module, {id(child): child for child in module.modules()
+                                     if child is not module})
+    tracer = _Tracer()
+    try:
+        with _watching(scratch, tracer):
+            graph = tracer.trace(scratch)
+    except Exception as error:  # tracing runs arbitrary user code: any failure means "cannot"
+        return None, None, f"torch.fx cannot trace it ({_describe(error)})"
+    if tracer.frozen:
+        return None, None, tracer.frozen
+    for node in graph.nodes:  # it names the classes _watching swapped in, which do not pickle
+        node.meta.pop("nn_module_stack", None)
+    return graph, scratch, None
 
 
 def _where(frame) -> str:
@@ -283,8 +417,7 @@ def _watching(root: nn.Module, tracer: _Tracer):
         original = type(module)
         try:
             module.__class__ = _Watch.watched_class(original)
-        except TypeError:  # a layout Python cannot swap (a ScriptModule): kept as a call
-            tracer.leaves.setdefault(_path_in(root, module), "its class cannot be watched")
+        except TypeError:  # a layout Python cannot swap (a ScriptModule): its reads unseen
             continue
         swapped.append((module, original))
     _Watch.tracer = tracer
@@ -296,8 +429,13 @@ def _watching(root: nn.Module, tracer: _Tracer):
             module.__class__ = original
 
 
-def _path_in(root: nn.Module, module: nn.Module) -> str:
-    return next(name for name, candidate in root.named_modules() if candidate is module)
+def _timm_registry() -> tuple[tuple, tuple]:
+    """(module classes, functions) timm registers as not traceable; empty unless timm is
+    imported (a model built by timm has imported it)."""
+    timm_fx = sys.modules.get("timm.layers._fx")
+    if timm_fx is None:
+        return (), ()
+    return tuple(timm_fx.get_notrace_modules()), tuple(timm_fx.get_notrace_functions())
 
 
 def _timm_registry() -> tuple[tuple, tuple]:
@@ -308,6 +446,8 @@ def _timm_registry() -> tuple[tuple, tuple]:
         return (), ()
     return tuple(timm_fx.get_notrace_modules()), tuple(timm_fx.get_notrace_functions())
 
+
+# The plan: which calls fuse with what.
 
 @dataclass
 class _Route:
@@ -325,261 +465,6 @@ class _Route:
     alone: Optional["_Route"] = None  # timm's identity BatchNormAct2d, should its add be taken
 
 
-def fuse_bn_act(model: nn.Module) -> nn.Module:
-    """Fuse each BatchNorm of a model with the activation and residual add that follow it.
-
-    Returns a copy of ``model`` in which every qualifying nn.BatchNorm1d/2d/3d (and
-    nn.SyncBatchNorm, and timm's BatchNormAct2d) runs, together with the activation and the
-    residual add after it, as one ``BatchNormAct1d/2d/3d`` (``SyncBatchNormAct``) call::
-
-        act(bn(x) + residual)  ->  fused_bn(x, residual)
-
-    The module docstring of ``tritonbn.convert`` says what qualifies. ``model`` itself is never
-    modified. The fused layers share nothing with it: the copy's parameters, buffers and
-    submodules are a deep copy, at the same paths and in the same order, so ``state_dict()``
-    keys are exactly the original's and checkpoints load either way.
-
-    Args:
-        model: the model to convert, traced with torch.fx; a submodule whose forward cannot be
-            traced, or reads what a trace would freeze (its ``training`` flag, say), stays a
-            call of its own forward (a leaf), and its children are converted in turn.
-
-    Returns:
-        A ``torch.fx.GraphModule`` with the model's state_dict keys, train/eval modes,
-        devices and dtypes, or, when the model's own forward cannot be traced, a copy of the
-        model itself fused inside its submodules. Its attribute ``fused_pairs`` lists what was
-        fused, as ``FusedPair`` tuples, ``left_alone`` maps the path of every other BatchNorm
-        module to the reason it was not converted, and ``leaves`` maps the path of every
-        module kept as an opaque call (the model's own is "") to the reason, with the line of
-        code that stopped the trace. Each pair is also logged at INFO level, each BatchNorm
-        left alone at DEBUG level, and a warning says how many leaves there are, if any.
-
-    Examples::
-
-        >>> import torch
-        >>> from torch import nn
-        >>> import tritonbn
-        >>> _ = torch.manual_seed(0)
-        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
-        ...                       nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)).eval()
-        >>> fused = tritonbn.fuse_bn_act(model)
-        >>> fused.fused_pairs
-        (FusedPair(bn='1', activation='2', residual=None),)
-        >>> fused.left_alone, fused.leaves
-        ({'4': 'it is an output of the model'}, {})
-        >>> type(fused.get_submodule("1")).__name__
-        'BatchNormAct2d'
-        >>> x = torch.randn(2, 3, 8, 8)
-        >>> torch.allclose(fused(x), model(x), atol=1e-6)
-        True
-        >>> list(fused.state_dict()) == list(model.state_dict())
-        True
-        >>> # A residual block: relu(bn(conv(x)) + x) runs as one call, bn(conv(x), x)
-        >>> class Block(nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
-        ...     def forward(self, x):
-        ...         return torch.relu(self.bn(self.conv(x)) + x)
-        >>> block = Block().eval()
-        >>> fused = tritonbn.fuse_bn_act(block)
-        >>> fused.fused_pairs
-        (FusedPair(bn='bn', activation='torch.relu', residual='x'),)
-        >>> x = torch.randn(2, 4, 5, 5)
-        >>> torch.allclose(fused(x), block(x), atol=1e-6)
-        True
-    """
-    root = _copy(model)
-    report = _Report()
-    converted = _convert(root, "", report)
-    converted.fused_pairs = tuple(report.fused_pairs)
-    converted.leaves = dict(report.leaves)
-    converted.left_alone = {}
-    for name, module in _batchnorm_modules(model):
-        if name in report.fused:
-            continue
-        enclosing = max((leaf for leaf in report.leaves if _is_inside(name, leaf)), key=len,
-                        default=None)
-        reason = (report.refused.get(name) or _module_refusal(module)
-                  or (enclosing is not None and f"it is inside a leaf: {enclosing or 'the model'}")
-                  or "it is not called by forward")
-        converted.left_alone[name] = reason
-        logger.debug("fuse_bn_act: %s left alone: %s", name, reason)
-    kept = {path: reason for path, reason in report.leaves.items()
-            if "timm registers" not in reason}
-    if kept:
-        first = next(iter(kept))
-        warnings.warn(f"fuse_bn_act: {len(kept)} submodule(s) of {type(model).__name__} kept as "
-                      f"opaque calls, fused inside (see .leaves); {first or 'the model'}: "
-                      f"{kept[first]}", stacklevel=2)
-    logger.info("fuse_bn_act: %d call(s) fused in %s", len(report.fused_pairs),
-                type(model).__name__)
-    return converted
-
-
-@dataclass
-class _Report:
-    fused_pairs: list = field(default_factory=list)
-    fused: set = field(default_factory=set)
-    refused: dict = field(default_factory=dict)
-    leaves: dict = field(default_factory=dict)
-
-
-def _is_inside(path: str, ancestor: str) -> bool:
-    return ancestor == "" or path.startswith(ancestor + ".")
-
-
-def _convert(module: nn.Module, prefix: str, report: _Report) -> nn.Module:
-    """module (the caller's own copy) fused: a GraphModule at the top (prefix ""), module
-    itself with a fused forward below; module as it is if its forward cannot be traced. The
-    children of every leaf are converted in turn, and report gains what was done."""
-    graph, scratch, leaves, traced_through = _trace(module)
-    report.leaves.update((prefix + path if path else prefix.rstrip("."), reason)
-                         for path, reason in leaves.items())
-    result = module
-    if graph is not None:
-        result = _fuse(module, graph, scratch, traced_through, prefix, report)
-    for leaf in leaves:
-        for name, child in module.get_submodule(leaf).named_children():
-            if _batchnorm_modules(child) and _fused_class(child) is None:
-                _convert(child, f"{prefix}{leaf}.{name}." if leaf else f"{prefix}{name}.", report)
-    return result
-
-
-def _trace(module: nn.Module):
-    """(graph or None, the copy of module traced, {path: reason} of the leaves, "" for module
-    itself when its own forward cannot be traced or reads what a trace would freeze, the paths
-    of the submodules traced through).
-
-    A submodule that raises while traced, or whose forward reads what a trace would freeze,
-    becomes a leaf, and the trace starts again on a fresh copy (the failed trace may have run
-    side effects on its own)."""
-    leaves: dict[str, str] = {}
-    while True:
-        scratch = _copy(module)
-        tracer = _Tracer(leaves)
-        try:
-            with _watching(scratch, tracer):
-                graph = tracer.trace(scratch)
-        except Exception as error:  # tracing runs arbitrary user code: any failure means "cannot"
-            failed = {tracer.raised_in.get(id(error), ""):
-                      f"torch.fx cannot trace it ({_describe(error)})"}
-        else:
-            failed = {path: reason for path, reason in tracer.frozen.items()
-                      if path not in leaves}
-            if not failed:
-                return graph, scratch, tracer.reached, tracer.traced_through
-        if "" in failed or len(leaves) >= _MOST_LEAVES:
-            reason = failed.get("", f"over {_MOST_LEAVES} of its submodules are leaves")
-            return None, None, {"": reason}, ()
-        leaves.update(failed)
-
-
-def _fuse(root: nn.Module, graph: fx.Graph, scratch: nn.Module, traced_through, prefix: str,
-          report: _Report) -> nn.Module:
-    """Rewrite graph (traced from scratch, a copy of root) and root's BatchNorms; root as a
-    GraphModule if prefix is "" (the top), else root with its forward replaced."""
-    calls = _batchnorm_calls(root, graph)
-    routes, refused = _plan(root, calls)
-    ends_child = f"it ends {prefix.rstrip('.')}, whose output goes to an opaque call"
-    report.refused.update((prefix + name, ends_child if prefix and reason == _ENDS_MODEL
-                           else reason) for name, reason in refused.items())
-    fused_nodes = {}
-    absorbed = set()  # the modules whose calls the fused calls replace
-    for target, nodes in calls.items():
-        if target in refused:
-            continue
-        absorbed.update(replaced.target for node in nodes for replaced in routes[node].replaced
-                        if replaced.op == "call_module")
-        bn = root.get_submodule(target)
-        first = routes[nodes[0]]
-        fused_class = _fused_class(bn)
-        _replace_submodule(root, target, _fused_module(bn, fused_class, first))
-        report.fused.add(prefix + target)
-        for node in nodes:
-            pair = FusedPair(*(prefix + name if name is not None and _is_path(root, name)
-                               else name for name in _rewrite(graph, routes[node], fused_nodes)))
-            report.fused_pairs.append(pair)
-            logger.info("fuse_bn_act: fused %s into %s(activation=%s)",
-                        " + ".join(filter(None, pair)), fused_class.__name__, first.activation)
-    graph.lint()
-    _drop_unused(root, graph, absorbed)
-    for node in graph.find_nodes(op="get_attr"):  # constants the tracer stored on scratch
-        head = node.target.split(".")[0]
-        if not hasattr(root, head):
-            setattr(root, head, getattr(scratch, head))
-    fused_paths = [target for target in calls if target not in refused]
-    for path in traced_through:
-        if any(_is_inside(target, path) for target in fused_paths):
-            _guard(root.get_submodule(path))
-    if not prefix:
-        return _graph_module(root, graph)
-    if fused_paths:
-        _swap_class(root, {"forward": type(fx.GraphModule(root, graph)).forward})
-    return root
-
-
-def _drop_unused(root: nn.Module, graph: fx.Graph, absorbed: set) -> None:
-    """Remove from root the absorbed modules (activations, no-op drops) that the graph no
-    longer calls, so that the model prints as what it computes. A module stays if the graph
-    still reaches it, or it holds state (state_dict keys stay the original's) or hooks."""
-    reached = {id(module) for node in graph.nodes if node.op in ("call_module", "get_attr")
-               if _is_path(root, node.target)
-               for module in root.get_submodule(node.target).modules()}
-    for target in absorbed:
-        module = root.get_submodule(target)
-        if (id(module) in reached or any(True for _ in module.parameters())
-                or any(True for _ in module.buffers())
-                or any(_has_hooks(m) for m in module.modules())):
-            continue
-        parent, _, name = target.rpartition(".")
-        delattr(root.get_submodule(parent), name)
-        reached.add(id(module))  # a module registered at two paths goes once
-
-
-def _guard(module: nn.Module) -> nn.Module:
-    """module, made to raise when called: the graph holding it runs its code, fused."""
-    _swap_class(module, {"forward": _runs_inside_graph, "__reduce_ex__": _reduce_guarded})
-    return module
-
-
-def _reduce_guarded(self, protocol):
-    """Pickles as the original class does, and unpickles guarded again."""
-    guarded, self.__class__ = type(self), type(self).__bases__[0]
-    try:
-        _, (cls, *_), *state = self.__reduce_ex__(protocol)
-    finally:
-        self.__class__ = guarded
-    return (_unpickle_guarded, (cls,), *state)
-
-
-def _unpickle_guarded(cls: type) -> nn.Module:
-    return _guard(cls.__new__(cls))
-
-
-def _runs_inside_graph(self, *args, **kwargs):
-    raise RuntimeError(
-        f"fuse_bn_act: this {type(self).__name__} runs inside the graph of the converted model "
-        "that holds it, where its BatchNorms are fused with what follows them; its own forward "
-        "would apply those twice. Call the converted model, or convert this module on its own")
-
-
-def _swap_class(module: nn.Module, members: dict) -> None:
-    """Give module a subclass of its class with these members. The subclass is named apart
-    (``Block.<fused>``), so that pickle refuses it instead of restoring the original class."""
-    original = type(module)
-    module.__class__ = type(original)(
-        original.__name__, (original,),
-        {"__module__": original.__module__, "__qualname__": f"{original.__qualname__}.<fused>",
-         **members})
-
-
-def _is_path(root: nn.Module, name: str) -> bool:
-    try:
-        root.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 def _batchnorm_modules(model: nn.Module):
     """(path, module) of every BatchNorm in model that is not tritonbn's already."""
     return [(name, module) for name, module in model.named_modules()
@@ -604,14 +489,16 @@ def _batchnorm_calls(root: nn.Module, graph: fx.Graph) -> dict[str, list[fx.Node
     return calls
 
 
-def _plan(root: nn.Module, calls: dict[str, list[fx.Node]]):
-    """(route of every call of a fused module, {module path: reason} of the modules refused).
+def _plan(root: nn.Module, calls: dict[str, list[fx.Node]], refused: dict[str, str]):
+    """(route of every call of a fused module, {module path: reason} of the modules refused,
+    starting from refused).
 
     Each add goes to the first of its qualifying BatchNorm operands, among modules not refused;
     a module whose call lost its add is refused in turn, freeing its other adds: repeated until
     nothing changes (at least one more module is refused each round)."""
-    refused = {target: reason for target in calls
-               for reason in [_module_refusal(root.get_submodule(target))] if reason}
+    refused = {**refused, **{target: reason for target in calls if target not in refused
+                             for reason in [_module_refusal(root.get_submodule(target))]
+                             if reason}}
     candidates = {node: _route(root, node) for target, nodes in calls.items()
                   if target not in refused for node in nodes}
     while True:
@@ -759,7 +646,7 @@ def _activation_call(root: nn.Module, node: fx.Node, value: fx.Node) -> Optional
     if node.all_input_nodes != [value]:
         return None
     if node.op == "call_module":
-        return _module_activation(root.get_submodule(node.target))
+        return _traced_activation(root.get_submodule(node.target))
     if node.op == "call_function":
         entry = _ACTIVATION_FUNCTIONS.get(node.target)
     elif node.op == "call_method":
@@ -801,9 +688,8 @@ def _traced_activation(module: nn.Module) -> Optional[tuple]:
         return _module_activation(module)
     if _has_hooks(module) or any(True for _ in module.parameters()):
         return None
-    try:
-        graph = _Tracer().trace(module)
-    except Exception:  # not traceable: not an activation we can read
+    graph = _trace(module)[0]
+    if graph is None:  # not traceable, or it reads the mode: not an activation we can read
         return None
     inputs = graph.find_nodes(op="placeholder")
     calls = [node for node in graph.nodes if node.op not in ("placeholder", "output")]
@@ -893,23 +779,69 @@ def _writes_in_place(root: nn.Module, node: fx.Node) -> bool:
     return name.endswith("_") and not name.endswith("__")
 
 
-def _rewrite(graph: fx.Graph, route: _Route, fused_nodes: dict) -> FusedPair:
-    """Replace route's BatchNorm call and the nodes it fuses with one call of the (already
-    swapped in) BatchNormAct module. fused_nodes maps each node replaced so far to its
-    replacement (a residual may be one), and gains this route's."""
+# The rewrite: the fused calls, the module's new forward, and how it pickles.
+
+def _fuse(root: nn.Module, path: str, graph: fx.Graph, scratch: nn.Module, refused: dict,
+          report: _Report) -> list[str]:
+    """Plan and rewrite the graph of the module at path (traced from scratch, its copy) and
+    swap in its fused BatchNorms; the paths of the modules whose calls the fused calls
+    replaced."""
+    module = root.get_submodule(path)
+    prefix = path + "." if path else ""
+    calls = _batchnorm_calls(module, graph)
+    routes, refusals = _plan(module, calls, {target: refused[prefix + target]
+                                             for target in calls if prefix + target in refused})
+    ends = f"its output is the output of {path}" if path else _ENDS_MODEL
+    report.refused.update((prefix + name, ends if reason == _ENDS_MODEL else reason)
+                          for name, reason in refusals.items())
+    fused_nodes = {}
+    absorbed = []
+    for target, nodes in calls.items():
+        if target in refusals:
+            continue
+        absorbed += [prefix + node.target for call in nodes for node in routes[call].replaced
+                     if node.op == "call_module"]
+        bn = module.get_submodule(target)
+        first = routes[nodes[0]]
+        fused_class = _fused_class(bn)
+        _replace_submodule(module, target, _fused_module(bn, fused_class, first))
+        report.fused.add(prefix + target)
+        for node in nodes:
+            pair = FusedPair(*(prefix + name if name is not None and _is_path(module, name)
+                               else name
+                               for name in _rewrite(graph, routes[node], fused_nodes,
+                                                    prefix + target)))
+            report.fused_pairs.append(pair)
+            logger.info("fuse_bn_act: fused %s into %s(activation=%s)",
+                        " + ".join(filter(None, pair)), fused_class.__name__, first.activation)
+    graph.lint()
+    originals = {id(copied): value for name, value in vars(module).items()
+                 if isinstance(value, Tensor)
+                 for copied in [vars(scratch).get(name)] if copied is not None}
+    for node in graph.find_nodes(op="get_attr"):  # constants the tracer stored on scratch
+        head = node.target.split(".")[0]
+        if not hasattr(module, head):
+            constant = getattr(scratch, head)
+            setattr(module, head, originals.get(id(constant), constant))
+    return absorbed
+
+
+def _rewrite(graph: fx.Graph, route: _Route, fused_nodes: dict, path: str) -> FusedPair:
+    """Replace route's BatchNorm call and the nodes it fuses with one call_fused of the
+    (already swapped in) BatchNormAct module, at path in the model. fused_nodes maps each node
+    replaced so far to its replacement (a residual may be one), and gains this route's."""
     bn_node = route.bn
     (input,) = [*bn_node.args, *bn_node.kwargs.values()]
     pair = FusedPair(bn_node.target, route.consumer,
                      None if route.residual is None else _node_name(route.residual))
-    if route.residual is None:
-        with graph.inserting_before(bn_node):
-            fused = graph.call_module(bn_node.target, (input,))
-    else:
-        with graph.inserting_before(route.add):
-            module = graph.get_attr(bn_node.target)
-            residual = fused_nodes.get(route.residual, route.residual)
-            fused = graph.call_function(call_with_residual, (module, input, residual))
-            fused.meta["is_wrapped"] = True  # the generated code fx.wraps it for later traces
+    arguments = (input,)
+    if route.residual is not None:
+        arguments = (input, fused_nodes.get(route.residual, route.residual))
+    with graph.inserting_before(bn_node if route.residual is None else route.add):
+        module = graph.get_attr(bn_node.target)
+        fused = graph.call_function(call_fused, (module, *arguments), {
+            "activation": route.activation, "activation_kwargs": route.kwargs, "path": path})
+        fused.meta["is_wrapped"] = True  # the generated code fx.wraps it for later traces
     last = route.replaced[-1] if route.replaced else bn_node
     for node in [bn_node, *route.replaced[:-1]]:
         for user in [user for user in node.users if _reads_shape(user)]:
@@ -919,6 +851,66 @@ def _rewrite(graph: fx.Graph, route: _Route, fused_nodes: dict) -> FusedPair:
     for node in reversed([bn_node, *route.replaced]):
         graph.erase_node(node)
     return pair
+
+
+def _drop_absorbed(root: nn.Module, graphs: dict, absorbed: list[str]) -> None:
+    """Remove the absorbed modules (activations, no-op drops) that no graph calls any more, so
+    that the model prints as what it computes. A module stays if a graph still reaches it, it
+    is registered at another path too (a forward kept as it is may call it there), or it holds
+    state or hooks."""
+    registered = Counter(id(module) for _, module in root.named_modules(remove_duplicate=False))
+    reached = {id(root.get_submodule(_joined(path, node.target)))
+               for path, (graph, _) in graphs.items()
+               for node in graph.nodes if node.op in ("call_module", "get_attr")
+               if _is_path(root, _joined(path, node.target))}
+    for target in dict.fromkeys(absorbed):
+        module = root.get_submodule(target)
+        if (id(module) in reached or registered[id(module)] > 1
+                or any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+                or any(_has_hooks(m) for m in module.modules())):
+            continue
+        parent, _, name = target.rpartition(".")
+        delattr(root.get_submodule(parent), name)
+
+
+_GRAPH = "_fused_graph"  # the class attribute holding a fused forward's graph
+
+
+def _install_forward(module: nn.Module, graph: fx.Graph) -> None:
+    """Run graph as module's forward: module's class becomes a subclass of its own class (same
+    name) holding the fused forward and its graph."""
+    original = type(module)
+    if _GRAPH in vars(original):  # converted before: a subclass of the original already
+        original = original.__bases__[0]
+    module.__class__ = _fused_subclass(original, graph)
+
+
+def _fused_subclass(original: type, graph: fx.Graph) -> type:
+    # The forward fx generates for the graph; the module only names the attributes it reads.
+    names = {node.target: nn.Module() for node in graph.nodes
+             if node.op in ("call_module", "get_attr")}
+    forward = type(fx.GraphModule(names, graph)).forward
+    graph.owning_module = None  # the graph pickles on its own
+    return type(original)(original.__name__, (original,), {
+        "__module__": original.__module__, "__qualname__": original.__qualname__,
+        "forward": forward, _GRAPH: graph, "__reduce_ex__": _reduce_fused})
+
+
+def _reduce_fused(self, protocol):
+    """Pickles (and deep-copies) as the original class does, plus the graph of the fused
+    forward, which unpickling installs again."""
+    fused, self.__class__ = type(self), type(self).__bases__[0]
+    try:
+        _, (cls, *_), *state = self.__reduce_ex__(protocol)
+    finally:
+        self.__class__ = fused
+    return (_unpickle_fused, (cls, vars(fused)[_GRAPH]), *state)
+
+
+def _unpickle_fused(cls: type, graph: fx.Graph) -> nn.Module:
+    module = cls.__new__(cls)
+    module.__class__ = _fused_subclass(cls, graph)
+    return module
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -981,49 +973,12 @@ def _replace_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent), name, module)
 
 
-class _FusedGraphModule(fx.GraphModule):
-    """A GraphModule that keeps its source's parameters, buffers and submodules, in its order,
-    through copy.deepcopy too.
-
-    fx.GraphModule copies only what the graph uses (a head that forward skips would drop out
-    of state_dict), in graph order, and registers plain tensor attributes, such as the tensor
-    constants the tracer stores, as buffers: state_dict would gain keys. Its deepcopy rebuilds
-    the module the same way, and drops other attributes, so both are redone here.
-    """
-
-    def __deepcopy__(self, memo):
-        copied = super().__deepcopy__(memo)
-        _hold_as(copied, self, lambda value: copy.deepcopy(value, memo))
-        for name in ("fused_pairs", "left_alone", "leaves"):
-            if name in self.__dict__:
-                setattr(copied, name, copy.deepcopy(self.__dict__[name], memo))
-        return copied
-
-
-def _hold_as(module: fx.GraphModule, source: nn.Module, take=lambda value: value) -> None:
-    """Give module source's parameters, buffers and submodules (each through take), in
-    source's order, and the plain attributes its graph reads."""
-    for name in [*module._parameters, *module._buffers, *module._modules]:
-        delattr(module, name)
-    for name, child in source._modules.items():
-        module.add_module(name, take(child))
-    for name, param in source._parameters.items():
-        module.register_parameter(name, take(param))
-    for name, buffer in source._buffers.items():
-        module.register_buffer(name, take(buffer),
-                               persistent=name not in source._non_persistent_buffers_set)
-    for node in module.graph.find_nodes(op="get_attr"):
-        head = node.target.split(".")[0]
-        if not hasattr(module, head):
-            setattr(module, head, take(getattr(source, head)))
-
-
-def _graph_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
-    """A GraphModule running graph that holds root's own parameters, buffers and submodules,
-    in root's order (_FusedGraphModule)."""
-    module = _FusedGraphModule(root, graph, class_name=type(root).__name__)
-    _hold_as(module, root)
-    return module
+def _is_path(root: nn.Module, name: str) -> bool:
+    try:
+        root.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _describe(error: Exception) -> str:
