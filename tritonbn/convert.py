@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .activations import activation_kwargs, activation_spec, eager_activation
+from .frozen import FrozenBatchNormAct2d
 from .modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .sync import SyncBatchNormAct
 
@@ -110,13 +111,17 @@ def call_fused(bn: nn.Module, input: Tensor, residual: Optional[Tensor] = None, 
     layer that applies an activation of its own, other than tritonbn's, raises ValueError.
     A converted model's code wraps this function (torch.fx.wrap), so that a later trace of the
     model (torchvision's feature extractor, say) records it as one call."""
-    if isinstance(bn, _FUSED_LAYERS):
+    if isinstance(bn, (*_FUSED_LAYERS, FrozenBatchNormAct2d)):
         if residual is None:
             return bn(input)
         if (residual.shape == input.shape and residual.dtype == input.dtype
                 and residual.device == input.device):
             return bn(input, residual)
-        plain = _PLAIN_CLASSES[type(bn)].forward(bn, input)
+        if isinstance(bn, FrozenBatchNormAct2d):
+            plain = F.batch_norm(input, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                 False, 0.0, bn.eps)
+        else:
+            plain = _PLAIN_CLASSES[type(bn)].forward(bn, input)
         return eager_activation(activation_spec(bn.activation, bn.activation_kwargs))(
             plain + residual)
     own = getattr(bn, "act", None)
@@ -855,7 +860,8 @@ def _rewrite(graph: fx.Graph, route: _Route, fused_nodes: dict, path: str) -> Fu
 
 def _drop_absorbed(root: nn.Module, graphs: dict, absorbed: list[str]) -> None:
     """Remove the absorbed modules (activations, no-op drops) that no graph calls any more, so
-    that the model prints as what it computes. A module stays if a graph still reaches it, it
+    that the model prints as what it computes (in an nn.Sequential or nn.ModuleList, an
+    nn.Identity takes the place). A module stays if a graph still reaches it, it
     is registered at another path too (a forward kept as it is may call it there), or it holds
     state or hooks."""
     registered = Counter(id(module) for _, module in root.named_modules(remove_duplicate=False))
@@ -870,7 +876,11 @@ def _drop_absorbed(root: nn.Module, graphs: dict, absorbed: list[str]) -> None:
                 or any(_has_hooks(m) for m in module.modules())):
             continue
         parent, _, name = target.rpartition(".")
-        delattr(root.get_submodule(parent), name)
+        parent = root.get_submodule(parent)
+        if isinstance(parent, (nn.Sequential, nn.ModuleList)):
+            parent.add_module(name, nn.Identity())  # indices stay the original's
+        else:
+            delattr(parent, name)
 
 
 _GRAPH = "_fused_graph"  # the class attribute holding a fused forward's graph
