@@ -56,6 +56,7 @@ import copy
 import csv
 import importlib
 import inspect
+import io
 import sys
 import time
 import warnings
@@ -111,7 +112,8 @@ def census(model: nn.Module, converted: nn.Module) -> dict:
     pairs = converted.fused_pairs
     reasons = collections.Counter(reason.split(": ")[0]  # "inside a leaf: <its path>"
                                   for reason in converted.left_alone.values())
-    return dict(batchnorms=batchnorms, fused=len({pair.bn for pair in pairs}),
+    fused = len({pair.bn for pair in pairs})
+    return dict(batchnorms=batchnorms, fused=fused, fused_share=round(fused / batchnorms, 3),
                 with_activation=len({pair.bn for pair in pairs if pair.activation}),
                 with_residual=len({pair.bn for pair in pairs if pair.residual}),
                 left_alone="; ".join(f"{count} {reason}" for reason, count in reasons.items()))
@@ -224,7 +226,10 @@ def markdown(rows: list[dict], columns: list[str]) -> str:
 TORCHVISION_KINDS = ("", "segmentation", "video", "detection")
 TIMM_FAMILIES = Path(__file__).resolve().parent / "zoo_timm_families.txt"
 SWEEP_COLUMNS = ["model", "batchnorms", "fused", "fused_share", "leaves", "worst_error", "exact",
-                 "left_alone", "leaf_reasons", "error", "image_size", "seconds"]
+                 "hooks", "pickles", "left_alone", "leaf_reasons", "error", "image_size",
+                 "seconds"]
+SWEEP_COUNT_COLUMNS = ["model", "batchnorms", "fused", "fused_share", "with_activation",
+                       "with_residual", "leaves", "left_alone", "leaf_reasons", "error"]
 SWEEP_OUT = Path(__file__).resolve().parent / "zoo_all_cpu.csv"
 # Relative error, over outputs, gradients and buffers, within which the converted float64
 # model computes the same function (fused and unfused BatchNorms round differently).
@@ -355,7 +360,7 @@ def sweep(model_name: str, image_size: int, batch: int, seed: int) -> dict:
     args, train_kwargs = _inputs(model_name, image_size, batch)
     expected = {training: sweep_step(copy.deepcopy(model), args, train_kwargs, training, seed)
                 for training in (True, False)}
-    row, worst = {}, 0.0
+    row, worst, pickles = {}, 0.0, True
     for converted_in in (True, False):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -363,13 +368,81 @@ def sweep(model_name: str, image_size: int, batch: int, seed: int) -> dict:
         if converted_in:
             row = census(model, converted)
         for training in (True, False):
-            result = sweep_step(copy.deepcopy(converted), args, train_kwargs, training, seed)
+            loaded = saved_and_loaded(converted)  # runs the copy torch.save wrote
+            pickles &= _report(loaded) == _report(converted)
+            result = sweep_step(loaded, args, train_kwargs, training, seed)
             worst = max(worst, _worst_error(result, expected[training]))
+    hooks = hook_mismatch(model, converted, args, seed) or "same"
+    return dict(model=model_name, **row, **_leaf_counts(converted),
+                worst_error=worst, exact=worst <= EXACT, hooks=hooks, pickles=pickles,
+                image_size=image_size, seconds=round(time.perf_counter() - start, 1))
+
+
+def _leaf_counts(converted: nn.Module) -> dict:
     reasons = collections.Counter(reason.split(": ")[0] for reason in converted.leaves.values())
-    return dict(model=model_name, **row, fused_share=round(row["fused"] / row["batchnorms"], 3),
-                leaves=len(converted.leaves), worst_error=worst, exact=worst <= EXACT,
-                leaf_reasons=_tally(reasons), image_size=image_size,
-                seconds=round(time.perf_counter() - start, 1))
+    return dict(leaves=len(converted.leaves), leaf_reasons=_tally(reasons))
+
+
+def sweep_counts(model_name: str) -> dict:
+    """The --all --counts-only row of one model: converted in training mode, not run (built
+    without memory for its weights where its builder allows)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _meta_build(model_name)
+        converted = tritonbn.fuse_bn_act(model)
+    return dict(model=model_name, **census(model, converted), **_leaf_counts(converted))
+
+
+def saved_and_loaded(model: nn.Module) -> nn.Module:
+    """What torch.load(weights_only=False) gives back of torch.save(model)."""
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def _report(converted: nn.Module) -> tuple:
+    return converted.fused_pairs, converted.left_alone, converted.leaves
+
+
+def hook_mismatch(model: nn.Module, converted: nn.Module, args: tuple, seed: int) -> str:
+    """"" when, in one eval forward, forward hooks on every module of the original fire on the
+    converted model as often and with the same outputs; else the first module that differs.
+    Aside: the fused BatchNorms (their output is now the activated one), and the activation
+    and no-op modules whose calls moved into them, which may be called less or not at all."""
+    fused = {pair.bn for pair in converted.fused_pairs}
+    absorbable = {pair.activation for pair in converted.fused_pairs}
+    present = dict(converted.named_modules())
+    paths = [path for path, module in model.named_modules()
+             if path and path not in fused and path in present]
+    expected = _hooked_outputs(model, paths, args, seed)
+    got = _hooked_outputs(converted, paths, args, seed)
+    for path in paths:
+        if len(got[path]) != len(expected[path]):
+            if len(got[path]) < len(expected[path]) and (
+                    path in absorbable or not any(True for _ in present[path].parameters())
+                    and type(present[path]) in (nn.Identity, nn.Dropout)
+                    or type(present[path]).__name__ in STOCHASTIC):
+                continue
+            return f"{path}: {len(got[path])} calls, not {len(expected[path])}"
+        for ours, theirs in zip(got[path], expected[path]):
+            if _worst_error(dict(ours), dict(theirs)) > EXACT:
+                return f"{path}: another output"
+    return ""
+
+
+def _hooked_outputs(model: nn.Module, paths: list, args: tuple, seed: int) -> dict:
+    """{path: [[(name, tensor) of each call's output]]} of one eval forward, on a copy."""
+    model = copy.deepcopy(model).eval()
+    calls = {path: [] for path in paths}
+    for path in paths:
+        model.get_submodule(path).register_forward_hook(
+            lambda module, inputs, output, path=path: calls[path].append(
+                [(name, t.detach().clone()) for name, t in _tensors(output)]))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model(*args)
+    return calls
 
 
 def _tally(reasons: collections.Counter) -> str:
@@ -485,6 +558,8 @@ def _main_all(args) -> int:
     from tqdm import tqdm
     dispatch.INTERPRETING = False  # PyTorch's reference path: the sweep checks the rewrite
     names = args.models.split(",") if args.models else all_models()
+    if args.counts_only:
+        return _main_all_counts(args, names)
     out = args.out or SWEEP_OUT
     partial = out.with_suffix(out.suffix + ".partial")
     partial.unlink(missing_ok=True)
@@ -498,7 +573,29 @@ def _main_all(args) -> int:
     write_rows(out, SWEEP_COLUMNS, rows, args.append)
     partial.unlink()
     print(summary(rows))
-    return 0 if all(row.get("exact", True) for row in rows) else 1
+    return 0 if all(row.get("exact", True) and row.get("hooks", "same") == "same"
+                    and row.get("pickles", True) for row in rows) else 1
+
+
+def _main_all_counts(args, names: list) -> int:
+    """--all --counts-only: each model converted, not run; writes --out or prints."""
+    from tqdm import tqdm
+    rows = []
+    for model_name in tqdm(names, unit="model", file=sys.stderr):
+        try:
+            rows.append(sweep_counts(model_name))
+        except MissingPackage:
+            raise
+        except Exception as error:  # models run arbitrary code: the row says what failed
+            rows.append(dict(model=model_name,
+                             error=f"{type(error).__name__}: {error}".splitlines()[0][:200]))
+    if args.out:
+        write_rows(args.out, SWEEP_COUNT_COLUMNS, rows, args.append)
+    done = [row for row in rows if "fused" in row]
+    batchnorms, fused = (sum(row[key] for row in done) for key in ("batchnorms", "fused"))
+    print(f"{len(done)} models converted, {len(rows) - len(done)} failed; {fused} of "
+          f"{batchnorms} BatchNorms fused ({fused / max(batchnorms, 1):.1%})")
+    return 0
 
 
 def summary(rows: list[dict]) -> str:

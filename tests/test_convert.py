@@ -826,7 +826,7 @@ def test_a_batchnorm_ending_a_leafs_child_is_reported_as_such():
         converted = fuse_bn_act(model)
     assert converted.left_alone == {
         "bn": "it is inside a leaf: the model",
-        "tail.1": "its output is the output of tail"}
+        "tail.1": "its output is its module's output: tail"}
     assert_same_in_both_modes(model, randn((2, 3, 4, 5)))
 
 

@@ -796,7 +796,7 @@ def _fuse(root: nn.Module, path: str, graph: fx.Graph, scratch: nn.Module, refus
     calls = _batchnorm_calls(module, graph)
     routes, refusals = _plan(module, calls, {target: refused[prefix + target]
                                              for target in calls if prefix + target in refused})
-    ends = f"its output is the output of {path}" if path else _ENDS_MODEL
+    ends = f"its output is its module's output: {path}" if path else _ENDS_MODEL
     report.refused.update((prefix + name, ends if reason == _ENDS_MODEL else reason)
                           for name, reason in refusals.items())
     fused_nodes = {}
