@@ -230,13 +230,14 @@ def test_sequential_modules():
     converted = fuse_bn_act(model)
     assert converted.fused_pairs == (FusedPair("1", "2"), FusedPair("3.1", "3.2"))
     assert converted.left_alone == {"5": "it is an output of the model"}
-    # A GraphModule now, not an nn.Sequential: submodules by path, not by index.
-    assert converted.get_submodule("1").activation == "relu"
-    assert converted.get_submodule("3.1").activation == "sigmoid"
-    assert type(converted.get_submodule("5")) is nn.BatchNorm2d
-    # The absorbed activations are gone; the model prints as what it computes.
-    assert [name for name, _ in converted.named_children()] == ["0", "1", "3", "4", "5"]
-    assert [name for name, _ in converted.get_submodule("3").named_children()] == ["0", "1"]
+    # Still an nn.Sequential, indexed as the original.
+    assert isinstance(converted, nn.Sequential) and len(converted) == len(model)
+    assert converted[1].activation == "relu" and converted[3][1].activation == "sigmoid"
+    assert type(converted[5]) is nn.BatchNorm2d
+    # The absorbed activations leave an nn.Identity: the model prints as what it computes.
+    assert [type(m).__name__ for m in converted] == [
+        "Conv2d", "BatchNormAct2d", "Identity", "Sequential", "Conv2d", "BatchNorm2d"]
+    assert [type(m).__name__ for m in converted[3]] == ["Conv2d", "BatchNormAct2d", "Identity"]
     assert_checkpoints_interchange(model, converted)
     assert_same_model(model, converted, randn((2, 2, 4, 3)))
 

@@ -286,18 +286,17 @@ def test_onnx_export_fused_resnet18(fused_resnet18, dynamo):
 
 @pytest.mark.slow
 def test_create_feature_extractor_on_fused_resnet18(fused_resnet18, monkeypatch):
-    """The fused model's code wraps convert.call_with_residual, so torchvision's tracer keeps it
-    one call with no tracer arguments. The layers run the reference launchers: twenty layers in
-    the interpreter take minutes, and the same call reaches them."""
+    """The same features, asked by the same module names, as from the unconverted model: a
+    block's output (its fused residual add and activation), a stage's, the logits. The fused
+    model's code wraps convert.call_fused, so torchvision's tracer keeps it one call. The layers
+    run the reference launchers: twenty layers in the interpreter take minutes, and the same
+    call reaches them."""
     from torchvision.models.feature_extraction import create_feature_extractor
     monkeypatch.setattr(tritonbn.dispatch, "backend", lambda x: reference)
     model, fused = fused_resnet18
-    # The same features by the two graphs' node names: a block's first activation, a block's
-    # output (its residual add and activation), the logits.
-    ours = create_feature_extractor(
-        fused, {"layer1.0.bn1.run_layer": "a", "call_with_residual_5": "b", "fc": "logits"})
-    theirs = create_feature_extractor(
-        model, {"layer1.0.relu": "a", "layer3.1.relu_1": "b", "fc": "logits"})
+    nodes = {"layer1.0": "a", "layer3.1": "b", "layer4": "c", "fc": "logits"}
+    ours = create_feature_extractor(fused, nodes)
+    theirs = create_feature_extractor(model, nodes)
     x = make_input((2, 3, 32, 32))
     expected = theirs(x)
     for key, value in ours(x).items():
