@@ -7,8 +7,8 @@ on random 224x224 images:
 - eager: torchvision's model as is (nn.BatchNorm2d, then nn.ReLU);
 - converted: ``tritonbn.fuse_bn_act(model)``, which fuses 49 of the 53 BatchNorms: bn1 and bn2
   of every bottleneck and the stem's with the ReLU after them, and each bottleneck's bn3 with
-  the residual add and the ReLU after it (16); the 4 downsample BatchNorms feed an add that a
-  bn3 took and stay nn.BatchNorm2d;
+  the residual add and the ReLU after it (16); the 4 downsample BatchNorms end their
+  Sequential, whose output the bn3 of the block adds, and stay nn.BatchNorm2d;
 - compile, compile_converted: torch.compile of either model (default mode);
 - on request only, cudagraphs and cudagraphs_converted: torch.compile(mode="reduce-overhead"),
   which replays each step's kernels from CUDA graphs, so the per-layer host time of the

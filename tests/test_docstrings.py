@@ -18,6 +18,8 @@ DOCUMENTED = {
     "convert_sync_batchnorm": tritonbn.convert_sync_batchnorm,
     "bn_act": tritonbn.bn_act,
     "fuse_bn_act": tritonbn.fuse_bn_act,
+    "FrozenBatchNormAct2d": tritonbn.FrozenBatchNormAct2d,
+    "freeze_batch_norm": tritonbn.freeze_batch_norm,
 }
 
 
