@@ -384,8 +384,8 @@ def test_left_alone_with_its_reason(then, reason):
 
 class TwoBranches(nn.Module):
     """relu(bn_a(fc_a(x)) + bn_b(h)), with, between the two BatchNorms, nothing, an in-place op
-    on h (a new tensor: bn_a can still move past it), or one on v, made before bn_a's call (it
-    cannot tell that v does not share memory with bn_a's input)."""
+    on h (a new tensor: bn_a can still move past it), one on v, made before bn_a's call (fc_a
+    allocated bn_a's input, which v cannot share), or one on bn_a's input itself."""
 
     def __init__(self, in_place_between: str = ""):
         super().__init__()
@@ -395,25 +395,40 @@ class TwoBranches(nn.Module):
 
     def forward(self, x):
         v = x * 2
-        a = self.bn_a(self.fc_a(x))
+        a_input = self.fc_a(x)
+        a = self.bn_a(a_input)
         h = self.fc_b(x)
         if self.in_place_between == "fresh":
             h = F.silu(h, inplace=True)
         elif self.in_place_between == "earlier":
             h = self.fc_b(v.relu_())
+        elif self.in_place_between == "its input":
+            h = h + a_input.relu_()
         return F.relu(a + self.bn_b(h))
 
 
-@pytest.mark.parametrize("in_place_between", ["", "fresh", "earlier"])
+@pytest.mark.parametrize("in_place_between", ["", "fresh", "earlier", "its input"])
 def test_an_add_of_two_batchnorms_goes_to_the_first_that_can_move(in_place_between):
     model = TwoBranches(in_place_between).to(DEVICE)
     converted = fuse_bn_act(model)
-    winner, loser = ("bn_b", "bn_a") if in_place_between == "earlier" else ("bn_a", "bn_b")
+    blocked = in_place_between == "its input"
+    winner, loser = ("bn_b", "bn_a") if blocked else ("bn_a", "bn_b")
     assert converted.fused_pairs == (FusedPair(winner, "torch.nn.functional.relu", loser),)
     assert converted.left_alone == {loser: (
         "what runs between it and its add writes in place or uses it"
-        if in_place_between == "earlier" else "feeds an add fused with another BatchNorm")}
-    assert_same_model(model, converted, randn((5, 4)), train_steps=1)
+        if blocked else "feeds an add fused with another BatchNorm")}
+    if blocked:  # the write into bn_a's saved input leaves no backward, on the original either
+        assert_same_outputs(model, converted, torch.randn(5, 4, device=DEVICE))
+    else:
+        assert_same_model(model, converted, randn((5, 4)), train_steps=1)
+
+
+def assert_same_outputs(model: nn.Module, converted: nn.Module, x: torch.Tensor) -> None:
+    """Forward only, in training then eval mode, on copies."""
+    model, converted = copy.deepcopy(model), copy.deepcopy(converted)
+    with torch.no_grad():
+        for training in (True, False):
+            torch.testing.assert_close(converted.train(training)(x), model.train(training)(x))
 
 
 def test_residual_produced_by_another_fused_pair():
@@ -869,3 +884,81 @@ def test_an_add_of_zero_and_a_shape_read_do_not_block_the_fusion():
     converted = fuse_bn_act(model)
     assert converted.fused_pairs == (FusedPair("bn", "torch.nn.functional.relu"),)
     assert_same_in_both_modes(model, randn((2, 3, 4, 5)), converted_in=(True,))
+
+
+class WritesInsideASequential(nn.Module):
+    """The add's other operand comes from a Sequential that writes into x in place: moving the
+    BatchNorm's read of x past it would normalize the written x."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.pre = nn.Sequential(nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        x = x * 1.0  # a tensor of the model's own, which pre may write
+        y = self.bn(x)
+        return y + self.pre(x)
+
+
+class PassesItsBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return torch.relu(self.bn(x)) + _apply(self.bn, x)
+
+
+@torch.fx.wrap
+def _apply(module, x):
+    return module(x)
+
+
+class OptionalShortcut(nn.Module):
+    """timm's DlaBottleneck: forward(x, shortcut=None). A trace sees a traced shortcut, never
+    None, and would bake in that case."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x, shortcut=None):
+        if shortcut is None:
+            shortcut = x
+        return F.relu(self.bn(self.conv(x)) + shortcut)
+
+
+@pytest.mark.usefixtures("reference_backend")
+def test_what_a_forward_hides_from_its_trace_is_not_fused_over():
+    """A Sequential that writes in place, a BatchNorm passed on as a value, a forward with
+    optional arguments: each is left alone, with its reason, and the model stays the same."""
+    converted = fuse_bn_act(WritesInsideASequential().to(DEVICE))
+    assert converted.left_alone == {
+        "bn": "what runs between it and its add writes in place or uses it"}
+    assert_same_outputs(WritesInsideASequential().to(DEVICE), converted,
+                        torch.randn(2, 3, 4, 5, device=DEVICE))
+    converted = fuse_bn_act(PassesItsBatchNorm())
+    assert converted.left_alone == {"bn": "its forward passes the module on as a value"}
+    assert_same_in_both_modes(PassesItsBatchNorm(), randn((2, 3, 4, 5)))
+    with pytest.warns(UserWarning, match=r"its forward takes shortcut=None, whose use a trace "
+                                         r"would fix to one case"):
+        converted = fuse_bn_act(OptionalShortcut())
+    assert converted.left_alone == {"bn": "it is inside a leaf: the model"}
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU(), OptionalShortcut())
+    with pytest.warns(UserWarning):
+        converted = fuse_bn_act(model)
+    assert converted.fused_pairs == (FusedPair("1", "2"),)
+    assert_same_in_both_modes(model, randn((2, 3, 4, 5)))
+
+
+def test_a_subclass_of_a_fused_layer_takes_the_unfused_path_for_a_broadcast_residual():
+    class MyBatchNormAct(BatchNormAct1d):
+        pass
+
+    bn = MyBatchNormAct(3, activation="tanh", device=DEVICE).eval()
+    x, wide = torch.randn(4, 3, device=DEVICE), torch.randn(3, device=DEVICE)
+    expected = torch.tanh(F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+                          + wide)
+    torch.testing.assert_close(call_fused(bn, x, wide, activation="relu", activation_kwargs={},
+                                          path="bn"), expected)

@@ -2,7 +2,7 @@
 with the activation and the residual add that follow it; docs/DESIGN.md §13 gives the design.
 
 A conversion keeps the model's module tree: every module whose forward calls a BatchNorm of its
-own is traced on its own, with its submodules as opaque calls, and its forward is replaced by
+own is traced on its own, its submodules kept as calls (leaves), and its forward is replaced by
 the fused trace. So each submodule is still called by its parent, exactly when it was before,
 and hooks, feature extraction by module name and per-block wrappers see the original's
 modules. The stages, in the order of this file: the tree (which forwards to trace), the trace
@@ -13,6 +13,7 @@ how a converted module pickles and copies).
 import contextlib
 import copy
 import dis
+import inspect
 import linecache
 import logging
 import operator
@@ -121,7 +122,8 @@ def call_fused(bn: nn.Module, input: Tensor, residual: Optional[Tensor] = None, 
             plain = F.batch_norm(input, bn.running_mean, bn.running_var, bn.weight, bn.bias,
                                  False, 0.0, bn.eps)
         else:
-            plain = _PLAIN_CLASSES[type(bn)].forward(bn, input)
+            plain = next(plain for fused, plain in _PLAIN_CLASSES.items()
+                         if isinstance(bn, fused)).forward(bn, input)
         return eager_activation(activation_spec(bn.activation, bn.activation_kwargs))(
             plain + residual)
     own = getattr(bn, "act", None)
@@ -315,7 +317,7 @@ def _joined(prefix: str, path: str) -> str:
     return f"{prefix}.{path}" if prefix and path else prefix or path
 
 
-# The trace: one module's own forward, its submodules opaque calls.
+# The trace: one module's own forward, its submodules kept as calls.
 
 _TIMM_LEAF = "timm registers it as not traceable by torch.fx"
 
@@ -361,8 +363,12 @@ def _trace(module: nn.Module):
     """(graph, the copy of module it was traced from, None), or (None, None, why module's
     forward is kept as it is). The copy shares module's submodules (leaves, not run) and
     copies its own state, which a trace may write (levit caches its attention biases)."""
-    if _Watch.unwatched(type(module)) in _timm_registry()[0] and _fused_class(module) is None:
+    if _Watch.unwatched(type(module)) in _timm_registry()[0]:
         return None, None, _TIMM_LEAF
+    optional = _optional_parameters(type(module).forward)
+    if optional:
+        return None, None, (f"its forward takes {', '.join(optional)}, whose use a trace would "
+                            "fix to one case (every argument is a traced value)")
     scratch = copy.deepcopy(module, {id(child): child for child in module.modules()
                                      if child is not module})
     tracer = _Tracer()
@@ -376,6 +382,17 @@ def _trace(module: nn.Module):
     for node in graph.nodes:  # it names the classes _watching swapped in, which do not pickle
         node.meta.pop("nn_module_stack", None)
     return graph, scratch, None
+
+
+def _optional_parameters(function) -> list[str]:
+    """The parameters of function a caller may leave out (name=default, *args, **kwargs)."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())[1:]
+    except (TypeError, ValueError):  # no signature to read: nothing known to be optional
+        return []
+    return [f"{'*' * (p.kind == p.VAR_POSITIONAL)}{'**' * (p.kind == p.VAR_KEYWORD)}{p.name}"
+            + ("" if p.default is p.empty else f"={p.default!r}") for p in parameters
+            if p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def _where(frame) -> str:
@@ -432,15 +449,6 @@ def _watching(root: nn.Module, tracer: _Tracer):
         _Watch.tracer = None
         for module, original in swapped:
             module.__class__ = original
-
-
-def _timm_registry() -> tuple[tuple, tuple]:
-    """(module classes, functions) timm registers as not traceable; empty unless timm is
-    imported (a model built by timm has imported it)."""
-    timm_fx = sys.modules.get("timm.layers._fx")
-    if timm_fx is None:
-        return (), ()
-    return tuple(timm_fx.get_notrace_modules()), tuple(timm_fx.get_notrace_functions())
 
 
 def _timm_registry() -> tuple[tuple, tuple]:
@@ -726,25 +734,52 @@ def _add_operands(node: fx.Node):
 
 
 def _movable(root: nn.Module, bn_node: fx.Node, add: fx.Node) -> bool:
-    """Whether bn_node's call can run where add runs: nothing in between writes in place into
-    what may share memory with the BatchNorm's input, calls the same module or reads its
-    attributes, or calls a module tritonbn cannot see into (a leaf of the trace) on what may."""
+    """Whether bn_node's call can run where add runs: nothing in between calls the same module
+    or reads its attributes, writes in place into what may share memory with the BatchNorm's
+    input, or passes what may share it to a call tritonbn cannot see into (a module other than
+    a childless torch.nn one, which may write in place inside)."""
+    (source,) = bn_node.all_input_nodes
+    # When a conv, say, allocated the input, only what derives from it can share its memory;
+    # otherwise anything could, but what is allocated in between.
+    sharing = _derived(root, source) if _allocates(root, source) else None
     between = set()
+
+    def may_share(value: fx.Node) -> bool:
+        return value in sharing if sharing is not None else not (
+            value in between and _allocates(root, value))
+
     node = bn_node.next
     while node is not add:
         if node.op in ("call_module", "get_attr") and (
                 node.target == bn_node.target or node.target.startswith(bn_node.target + ".")):
             return False
         if _writes_in_place(root, node):
-            if not _fresh(root, _written(root, node), between):
+            if may_share(_written(root, node)):
                 return False
-        elif node.op == "call_module" and not _is_torch_module(
-                module := root.get_submodule(node.target)) and not _is_noop(module):
-            if not all(_fresh(root, value, between) for value in node.all_input_nodes):
+        elif node.op == "call_module" and _is_opaque(root.get_submodule(node.target)):
+            if any(may_share(value) for value in node.all_input_nodes):
                 return False
         between.add(node)
         node = node.next
     return True
+
+
+def _derived(root: nn.Module, node: fx.Node) -> set:
+    """node and every node computed from it by something that may return a view of it, or
+    it itself (anything but an allocating call)."""
+    derived, stack = {node}, [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in derived and not _allocates(root, user):
+                derived.add(user)
+                stack.append(user)
+    return derived
+
+
+def _is_opaque(module: nn.Module) -> bool:
+    """Whether a call of module may write in place where a graph does not show it."""
+    return not _is_noop(module) and (not _is_torch_module(module)
+                                     or any(True for _ in module.children()))
 
 
 def _written(root: nn.Module, node: fx.Node) -> fx.Node:
@@ -755,11 +790,8 @@ def _written(root: nn.Module, node: fx.Node) -> fx.Node:
     return node
 
 
-def _fresh(root: nn.Module, node: fx.Node, between: set) -> bool:
-    """Whether node's tensor is one allocated after the BatchNorm's call (among between), so
-    that it cannot share memory with the BatchNorm's input."""
-    if node not in between:
-        return False
+def _allocates(root: nn.Module, node: fx.Node) -> bool:
+    """Whether node's tensor is a new one, never a view or an input of the call."""
     if node.op == "call_module":
         return type(root.get_submodule(node.target)) in _ALLOCATING_MODULES
     return node.op == "call_function" and node.target in _ALLOCATING_FUNCTIONS
@@ -794,8 +826,11 @@ def _fuse(root: nn.Module, path: str, graph: fx.Graph, scratch: nn.Module, refus
     module = root.get_submodule(path)
     prefix = path + "." if path else ""
     calls = _batchnorm_calls(module, graph)
-    routes, refusals = _plan(module, calls, {target: refused[prefix + target]
-                                             for target in calls if prefix + target in refused})
+    passed = {node.target for node in graph.find_nodes(op="get_attr")}
+    routes, refusals = _plan(module, calls, {
+        **{target: "its forward passes the module on as a value" for target in calls
+           if target in passed},
+        **{target: refused[prefix + target] for target in calls if prefix + target in refused}})
     ends = f"its output is its module's output: {path}" if path else _ENDS_MODEL
     report.refused.update((prefix + name, ends if reason == _ENDS_MODEL else reason)
                           for name, reason in refusals.items())
@@ -820,14 +855,12 @@ def _fuse(root: nn.Module, path: str, graph: fx.Graph, scratch: nn.Module, refus
             logger.info("fuse_bn_act: fused %s into %s(activation=%s)",
                         " + ".join(filter(None, pair)), fused_class.__name__, first.activation)
     graph.lint()
-    originals = {id(copied): value for name, value in vars(module).items()
-                 if isinstance(value, Tensor)
-                 for copied in [vars(scratch).get(name)] if copied is not None}
+    if report.fused.isdisjoint(prefix + target for target in calls):
+        return absorbed
     for node in graph.find_nodes(op="get_attr"):  # constants the tracer stored on scratch
         head = node.target.split(".")[0]
         if not hasattr(module, head):
-            constant = getattr(scratch, head)
-            setattr(module, head, originals.get(id(constant), constant))
+            setattr(module, head, getattr(scratch, head))
     return absorbed
 
 
@@ -877,8 +910,8 @@ def _drop_absorbed(root: nn.Module, graphs: dict, absorbed: list[str]) -> None:
             continue
         parent, _, name = target.rpartition(".")
         parent = root.get_submodule(parent)
-        if isinstance(parent, (nn.Sequential, nn.ModuleList)):
-            parent.add_module(name, nn.Identity())  # indices stay the original's
+        if isinstance(parent, (nn.Sequential, nn.ModuleList)):  # indices stay the original's
+            parent.add_module(name, nn.Identity().train(module.training))
         else:
             delattr(parent, name)
 
@@ -911,15 +944,15 @@ def _reduce_fused(self, protocol):
     forward, which unpickling installs again."""
     fused, self.__class__ = type(self), type(self).__bases__[0]
     try:
-        _, (cls, *_), *state = self.__reduce_ex__(protocol)
+        rebuild, arguments, *state = self.__reduce_ex__(protocol)
     finally:
         self.__class__ = fused
-    return (_unpickle_fused, (cls, vars(fused)[_GRAPH]), *state)
+    return (_unpickle_fused, (rebuild, arguments, vars(fused)[_GRAPH]), *state)
 
 
-def _unpickle_fused(cls: type, graph: fx.Graph) -> nn.Module:
-    module = cls.__new__(cls)
-    module.__class__ = _fused_subclass(cls, graph)
+def _unpickle_fused(rebuild, arguments: tuple, graph: fx.Graph) -> nn.Module:
+    module = rebuild(*arguments)
+    module.__class__ = _fused_subclass(type(module), graph)
     return module
 
 
