@@ -291,6 +291,8 @@ def _tensors(value, key="output") -> list:
         items = sorted(value.items())
     elif isinstance(value, (list, tuple)):
         items = list(enumerate(value))
+    elif hasattr(value, "__dict__"):  # torchvision's ImageList, say: its tensors
+        items = sorted(vars(value).items())
     else:
         return [(f"{key}:{type(value).__name__}", torch.tensor(float(hash(value) % 997)))]
     return [pair for name, item in items for pair in _tensors(item, f"{key}.{name}")]

@@ -1,2 +1,2 @@
 """The release: pyproject.toml reads it when building, tritonbn exports it as __version__."""
-__version__ = "0.2.0"
+__version__ = "0.3.0"

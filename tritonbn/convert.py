@@ -110,22 +110,10 @@ def call_fused(bn: nn.Module, input: Tensor, residual: Optional[Tensor] = None, 
     ``nn.SyncBatchNorm`` from ``nn.SyncBatchNorm.convert_sync_batchnorm``, a
     ``FrozenBatchNorm2d``, a plain BatchNorm) runs with the add and ``activation`` around it. A
     layer that applies an activation of its own, other than tritonbn's, raises ValueError.
-    A converted model's code wraps this function (torch.fx.wrap), so that a later trace of the
-    model (torchvision's feature extractor, say) records it as one call."""
+    A later trace of a converted model (torchvision's feature extractor, say) goes through it
+    and records the layer's own call, under the layer's name."""
     if isinstance(bn, (*_FUSED_LAYERS, FrozenBatchNormAct2d)):
-        if residual is None:
-            return bn(input)
-        if (residual.shape == input.shape and residual.dtype == input.dtype
-                and residual.device == input.device):
-            return bn(input, residual)
-        if isinstance(bn, FrozenBatchNormAct2d):
-            plain = F.batch_norm(input, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                 False, 0.0, bn.eps)
-        else:
-            plain = next(plain for fused, plain in _PLAIN_CLASSES.items()
-                         if isinstance(bn, fused)).forward(bn, input)
-        return eager_activation(activation_spec(bn.activation, bn.activation_kwargs))(
-            plain + residual)
+        return bn(input) if residual is None else _with_residual(bn, input, residual)
     own = getattr(bn, "act", None)
     if isinstance(own, nn.Module) and type(own) is not nn.Identity:
         raise ValueError(
@@ -138,6 +126,25 @@ def call_fused(bn: nn.Module, input: Tensor, residual: Optional[Tensor] = None, 
     if residual is not None:
         output = output + residual
     return eager_activation(activation_spec(activation, activation_kwargs))(output)
+
+
+@torch.fx.wrap
+def _with_residual(bn: nn.Module, input: Tensor, residual: Tensor) -> Tensor:
+    """bn(input, residual) for a tritonbn layer, or its BatchNorm, the add (broadcasting,
+    promoting) and its activation unfused where residual's shape, dtype or device differ
+    from input's. A later trace records it as one call: its check would branch on traced
+    values."""
+    if (residual.shape == input.shape and residual.dtype == input.dtype
+            and residual.device == input.device):
+        return bn(input, residual)
+    if isinstance(bn, FrozenBatchNormAct2d):
+        plain = F.batch_norm(input, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                             False, 0.0, bn.eps)
+    else:
+        plain = next(plain for fused, plain in _PLAIN_CLASSES.items()
+                     if isinstance(bn, fused)).forward(bn, input)
+    return eager_activation(activation_spec(bn.activation, bn.activation_kwargs))(
+        plain + residual)
 
 
 def fuse_bn_act(model: nn.Module) -> nn.Module:
@@ -879,7 +886,6 @@ def _rewrite(graph: fx.Graph, route: _Route, fused_nodes: dict, path: str) -> Fu
         module = graph.get_attr(bn_node.target)
         fused = graph.call_function(call_fused, (module, *arguments), {
             "activation": route.activation, "activation_kwargs": route.kwargs, "path": path})
-        fused.meta["is_wrapped"] = True  # the generated code fx.wraps it for later traces
     last = route.replaced[-1] if route.replaced else bn_node
     for node in [bn_node, *route.replaced[:-1]]:
         for user in [user for user in node.users if _reads_shape(user)]:
